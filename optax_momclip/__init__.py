@@ -1,0 +1,25 @@
+"""Exact, fast gradient clipping and momentum as optax GradientTransformations."""
+
+from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
+from optax_momclip._clipping import ClipByNormState as ClipByNormState
+from optax_momclip._clipping import ClipByValueState as ClipByValueState
+from optax_momclip._clipping import clip_by_global_norm as clip_by_global_norm
+from optax_momclip._clipping import clip_by_norm as clip_by_norm
+from optax_momclip._clipping import clip_by_value as clip_by_value
+from optax_momclip._metrics import metrics as metrics
+from optax_momclip._metrics import with_value_checks as with_value_checks
+from optax_momclip._norms import global_norm as global_norm
+
+__version__ = "0.1.0"
+
+__all__ = [
+  "ClipByGlobalNormState",
+  "ClipByNormState",
+  "ClipByValueState",
+  "clip_by_global_norm",
+  "clip_by_norm",
+  "clip_by_value",
+  "global_norm",
+  "metrics",
+  "with_value_checks",
+]

@@ -1,0 +1,373 @@
+"""Value, per-leaf and global-norm clipping that keeps the norm it clipped with."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_momclip import _metrics, _norms, _validation
+from optax_momclip._validation import ScheduleOrScalar
+
+_F32 = jnp.float32
+_NONFINITE = ("propagate", "zero")
+
+
+def hyperparam(value: ScheduleOrScalar, step: jax.Array) -> jax.Array:
+  """A hyperparameter as a float32 scalar, evaluating a schedule at ``step``."""
+  return jnp.asarray(value(step) if callable(value) else value, _F32)
+
+
+def range_scale(
+  norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | float = 0.0
+) -> jax.Array:
+  """The factor that brings a finite ``norm`` into ``[min_norm, max_norm]``.
+
+  One when the norm is in range or zero (zero stays zero), ``max_norm/norm``
+  above it, ``min_norm/norm`` below it; clamped to float32's largest value so a
+  norm near underflow cannot turn it into inf. Broadcasts over arrays of norms.
+  The caller decides what a non-finite norm means.
+  """
+  norm = norm.astype(_F32)
+  safe = jnp.where((norm > 0) & jnp.isfinite(norm), norm, 1.0)
+  target = jnp.where(norm > max_norm, max_norm, jnp.where(norm < min_norm, min_norm, norm))
+  scale = jnp.where(norm > 0, target / safe, 1.0)
+  return jnp.minimum(scale, jnp.finfo(_F32).max).astype(_F32)
+
+
+def scale_leaf(g: jax.Array, scale: jax.Array) -> jax.Array:
+  """``g * scale`` computed in float32 (or wider) and returned in ``g``'s dtype."""
+  dtype = jnp.promote_types(g.dtype, scale.dtype)
+  return (g.astype(dtype) * scale.astype(dtype)).astype(g.dtype)
+
+
+def scale_tree(tree: Any, scale: jax.Array) -> Any:
+  """Every leaf of ``tree`` times the scalar ``scale``, each in its own dtype."""
+  return jax.tree.map(lambda g: scale_leaf(g, scale), tree)
+
+
+def zeros_where(tree: Any, zero: jax.Array) -> Any:
+  """``tree`` with every leaf replaced by zeros where the bool scalar ``zero`` holds."""
+  return jax.tree.map(lambda g: jnp.where(zero, jnp.zeros_like(g), g), tree)
+
+
+class ClipByValueState(NamedTuple):
+  """State of `clip_by_value`.
+
+  Attributes:
+    grad_norm: the largest magnitude of the incoming updates, ``max|g|``
+      (their inf-norm), before clipping. f32[].
+    clip_threshold: the upper bound ``max_value`` used. f32[].
+    steps_seen: updates processed (saturating). i32[].
+    steps_clipped: updates in which at least one element was clipped. i32[].
+  """
+
+  grad_norm: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def clip_by_value(
+  max_value: float | jax.Array, *, min_value: float | jax.Array | None = None
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clips every element of the updates into ``[min_value, max_value]``.
+
+  .. math:: g_i \leftarrow \min(\max(g_i, a), b), \quad a = \text{min\_value}
+     \ (\text{default } -b), \ b = \text{max\_value}
+
+  Changes the direction of the update (Mikolov, 2012). NaN stays NaN; ±inf
+  is clipped to the bound, as ``torch.clamp`` and ``optax.clip`` do.
+
+  Args:
+    max_value: upper bound ``b``, >= 0 when ``min_value`` is None.
+    min_value: lower bound ``a``, <= ``max_value``. Default None: ``-max_value``.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `ClipByValueState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.clip_by_value(0.5)
+    >>> g = {"w": jnp.array([-2.0, 0.1, 3.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print(u["w"], state.grad_norm)
+    [-0.5  0.1  0.5] 3.0
+
+  References:
+    Mikolov, *Statistical Language Models Based on Neural Networks*, 2012,
+    https://www.fit.vut.cz/study/phd-thesis-file/283/283.pdf
+  """
+  fn = "clip_by_value"
+  if min_value is None:
+    _validation.check_scalar(fn, "max_value", max_value, low=0.0)
+  else:
+    _validation.check_scalar(fn, "max_value", max_value)
+    _validation.check_scalar(fn, "min_value", min_value)
+    _validation.check_order(fn, "min_value", min_value, "max_value", max_value)
+
+  def init_fn(params: Any) -> ClipByValueState:
+    del params
+    return ClipByValueState(
+      grad_norm=jnp.zeros([], _F32),
+      clip_threshold=jnp.asarray(max_value, _F32),
+      steps_seen=jnp.zeros([], jnp.int32),
+      steps_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: ClipByValueState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ClipByValueState]:
+    del params, extra_args
+    hi = jnp.asarray(max_value, _F32)
+    lo = -hi if min_value is None else jnp.asarray(min_value, _F32)
+    clipped = tree_any(jax.tree.map(lambda g: (jnp.max(g) > hi) | (jnp.min(g) < lo), updates))
+    new = jax.tree.map(lambda g: jnp.clip(g, lo.astype(g.dtype), hi.astype(g.dtype)), updates)
+    return new, ClipByValueState(
+      grad_norm=_norms.global_norm(updates, ord=jnp.inf).astype(_F32),
+      clip_threshold=hi,
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=_count_if(state.steps_clipped, clipped),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def tree_any(tree: Any) -> jax.Array:
+  """True when any leaf of a tree of bool scalars is true (False for an empty tree)."""
+  leaves = jax.tree.leaves(tree)
+  return jnp.any(jnp.stack(leaves)) if leaves else jnp.array(False)
+
+
+def _count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
+  return jnp.where(cond, optax.safe_increment(counter), counter)
+
+
+class ClipByNormState(NamedTuple):
+  """State of `clip_by_norm`.
+
+  Attributes:
+    grad_norm: a tree like the updates holding each leaf's pre-clip norm: f32[]
+      per leaf, or f32 with the reduced ``axis`` kept as size 1 when ``axis``
+      is given.
+    clip_scale: a tree like ``grad_norm`` with the factor each leaf (or
+      slice) was multiplied by. f32.
+    clip_threshold: ``max_norm``. f32[].
+    steps_seen: updates processed (saturating). i32[].
+    steps_clipped: updates in which at least one leaf or slice was rescaled. i32[].
+  """
+
+  grad_norm: Any  # tree of f32
+  clip_scale: Any  # tree of f32
+  clip_threshold: jax.Array  # f32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def clip_by_norm(
+  max_norm: float | jax.Array,
+  *,
+  min_norm: float | jax.Array = 0.0,
+  ord: float = 2,
+  axis: int | tuple[int, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clamps the norm of each leaf (or of each slice along ``axis``) into a range.
+
+  .. math:: g_\ell \leftarrow g_\ell \cdot
+     \frac{\min(\max(\|g_\ell\|, \text{min\_norm}), \text{max\_norm})}{\|g_\ell\|}
+
+  A zero leaf stays zero. ``axis`` names the axes a norm is taken over, as in
+  ``jnp.linalg.norm``: ``axis=0`` on a Flax ``Dense`` kernel ``(in, out)``
+  clips each output unit's column. A leaf with too few dimensions for
+  ``axis`` is one unit. Non-finite norms leave their leaf unscaled.
+
+  Args:
+    max_norm: upper bound, >= 0.
+    min_norm: lower bound, in ``[0, max_norm]``. Default 0: no lower bound.
+    ord: 1, 2 (default) or ``inf``.
+    axis: None (default: the whole leaf), an int or a tuple of ints.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `ClipByNormState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.clip_by_norm(1.0)
+    >>> g = {"a": jnp.array([3.0, 4.0]), "b": jnp.array([0.3, 0.4])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print(u["a"], u["b"], state.grad_norm["a"])
+    [0.6 0.8] [0.3 0.4] 5.0
+  """
+  fn = "clip_by_norm"
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  _validation.check_scalar(fn, "min_norm", min_norm, low=0.0)
+  _validation.check_order(fn, "min_norm", min_norm, "max_norm", max_norm)
+  _validation.check_ord(fn, ord)
+  _validation.check_axes(fn, "axis", axis)
+
+  def norms(tree: Any, *, like: bool) -> Any:
+    if like:
+      return jax.tree.map(lambda x: jnp.zeros(_kept_shape(x.shape, axis), _F32), tree)
+    return _norms.tree_norms(tree, ord=ord, axis=axis, keepdims=axis is not None)
+
+  def init_fn(params: Any) -> ClipByNormState:
+    zeros = norms(params, like=True)
+    return ClipByNormState(
+      grad_norm=zeros,
+      clip_scale=jax.tree.map(jnp.ones_like, zeros),
+      clip_threshold=jnp.asarray(max_norm, _F32),
+      steps_seen=jnp.zeros([], jnp.int32),
+      steps_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: ClipByNormState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ClipByNormState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.grad_norm, shapes=False)
+    hi, lo = jnp.asarray(max_norm, _F32), jnp.asarray(min_norm, _F32)
+    grad_norm = norms(updates, like=False)
+    scales = jax.tree.map(
+      lambda n: jnp.where(jnp.isfinite(n), range_scale(n, hi, lo), 1.0), grad_norm
+    )
+    new = jax.tree.map(scale_leaf, updates, scales)
+    clipped = tree_any(jax.tree.map(lambda s: jnp.any(s != 1.0), scales))
+    return new, ClipByNormState(
+      grad_norm=grad_norm,
+      clip_scale=scales,
+      clip_threshold=hi,
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=_count_if(state.steps_clipped, clipped),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _kept_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
+  axes = _norms.resolve_axes(len(shape), axis)
+  if axis is None:
+    return ()
+  if axes is None:
+    return (1,) * len(shape)
+  return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+class ClipByGlobalNormState(NamedTuple):
+  """State of `clip_by_global_norm`.
+
+  Attributes:
+    grad_norm: the global norm of the incoming updates, before clipping. f32[].
+    clip_scale: the factor the updates were multiplied by (1 when in range or
+      propagated, 0 when zeroed). f32[].
+    clip_threshold: ``max_norm`` at this step (a schedule's value). f32[].
+    steps_seen: updates processed (saturating); the step a ``max_norm``
+      schedule is evaluated at. i32[].
+    steps_clipped: updates that were rescaled or zeroed. i32[].
+  """
+
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def clip_by_global_norm(
+  max_norm: ScheduleOrScalar,
+  *,
+  min_norm: float | jax.Array = 0.0,
+  ord: float = 2,
+  axis_name: str | tuple[str, ...] | None = None,
+  nonfinite: str = "propagate",
+) -> optax.GradientTransformationExtraArgs:
+  r"""Rescales the whole update so its global norm lies in ``[min_norm, max_norm]``.
+
+  .. math:: g \leftarrow g \cdot \frac{\min(\max(\|g\|, m), c)}{\|g\|}
+
+  (Pascanu et al., 2013, with a lower bound ``m`` added.) The direction is
+  kept and zero stays zero. The pre-clip norm is kept in the state, computed
+  once in float32 whatever the gradient dtype.
+
+  Differs from ``optax.clip_by_global_norm`` in that the norm is exact for
+  bf16/f16 gradients (optax sums in the leaf dtype and overflows),
+  ``max_norm=0`` with zero gradients gives zeros (optax: NaN), and a
+  non-finite norm is handled by ``nonfinite`` (optax scales by ``c/inf``). From
+  ``torch.nn.utils.clip_grad_norm_`` in that no ``1e-6`` is added to the
+  norm, so a norm just above ``c`` is clipped to exactly ``c``.
+
+  Args:
+    max_norm: the upper bound ``c`` (>= 0), or a schedule ``step -> c``
+      evaluated at ``steps_seen``.
+    min_norm: the lower bound ``m``, in ``[0, max_norm]``. Default 0.
+    ord: 1, 2 (default) or ``inf``.
+    axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
+      over; the norm is then the global one across it. Default None.
+    nonfinite: ``"propagate"`` (default) returns a NaN/Inf-norm update
+      unscaled so the problem stays visible; ``"zero"`` returns zeros.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    `ClipByGlobalNormState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_momclip as omc
+    >>> tx = optax.chain(omc.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print(u["w"].round(4), optax.tree.get(state, "grad_norm"))
+    [-0.06 -0.08] 5.0
+
+  References:
+    Pascanu, Mikolov, Bengio, *On the difficulty of training recurrent neural
+    networks*, 2013, https://arxiv.org/abs/1211.5063
+  """
+  fn = "clip_by_global_norm"
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, schedule=True)
+  _validation.check_scalar(fn, "min_norm", min_norm, low=0.0)
+  _validation.check_order(fn, "min_norm", min_norm, "max_norm", max_norm)
+  _validation.check_ord(fn, ord)
+  _validation.check_axis_name(fn, axis_name)
+  _validation.check_choice(fn, "nonfinite", nonfinite, _NONFINITE)
+
+  def init_fn(params: Any) -> ClipByGlobalNormState:
+    del params
+    return ClipByGlobalNormState(
+      grad_norm=jnp.zeros([], _F32),
+      clip_scale=jnp.ones([], _F32),
+      clip_threshold=hyperparam(max_norm, jnp.zeros([], jnp.int32)),
+      steps_seen=jnp.zeros([], jnp.int32),
+      steps_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: ClipByGlobalNormState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ClipByGlobalNormState]:
+    del params, extra_args
+    threshold = hyperparam(max_norm, state.steps_seen)
+    norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
+    finite = jnp.isfinite(norm)
+    fallback = 1.0 if nonfinite == "propagate" else 0.0
+    scale = jnp.where(finite, range_scale(norm, threshold, jnp.asarray(min_norm, _F32)), fallback)
+    new = scale_tree(updates, scale)
+    if nonfinite == "zero":
+      new = zeros_where(new, ~finite)
+    return new, ClipByGlobalNormState(
+      grad_norm=norm,
+      clip_scale=scale,
+      clip_threshold=threshold,
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=_count_if(state.steps_clipped, scale != 1.0),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")
+_metrics.register(ClipByValueState, "clip_by_value", _CLIP_STATS)
+_metrics.register(ClipByNormState, "clip_by_norm", _CLIP_STATS)
+_metrics.register(ClipByGlobalNormState, "clip_by_global_norm", _CLIP_STATS)

@@ -1,0 +1,181 @@
+"""Reading the statistics kept in optimizer states, and value checks for debugging."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class _Stats:
+  prefix: str
+  fields: tuple[str, ...]
+  fractions: Mapping[str, tuple[str, str]]
+
+
+_REGISTRY: dict[type, _Stats] = {}
+_FRACTIONS = {"clip_fraction": ("steps_clipped", "steps_seen")}
+
+
+def register(
+  state_type: type,
+  prefix: str,
+  fields: Sequence[str],
+  fractions: Mapping[str, tuple[str, str]] | None = None,
+) -> None:
+  """Declares which fields of ``state_type`` are statistics, reported as ``prefix/field``.
+
+  ``fractions`` maps a derived key to ``(numerator, denominator)`` counter
+  fields; by default ``clip_fraction = steps_clipped / steps_seen`` where both
+  exist.
+  """
+  if fractions is None:
+    fractions = {k: v for k, v in _FRACTIONS.items() if set(v) <= set(fields)}
+  _REGISTRY[state_type] = _Stats(prefix, tuple(fields), dict(fractions))
+
+
+def _is_stats_node(x: Any) -> bool:
+  return type(x) in _REGISTRY
+
+
+def _subkey(path: tuple[Any, ...]) -> str:
+  # flax.nnx wraps each optimizer-state array in a Variable whose child is `.value`.
+  if path and isinstance(path[-1], jax.tree_util.GetAttrKey) and path[-1].name == "value":
+    path = path[:-1]
+  return jax.tree_util.keystr(path, simple=True, separator="/")
+
+
+def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
+  """Each registered state in ``opt_state`` with its unique name, in tree order."""
+  nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_stats_node)[0]
+  seen: dict[str, int] = {}
+  out = []
+  for _, node in nodes:
+    if not _is_stats_node(node):
+      continue
+    prefix = _REGISTRY[type(node)].prefix
+    n = seen.get(prefix, 0)
+    seen[prefix] = n + 1
+    out.append((prefix if n == 0 else f"{prefix}_{n}", node))
+  return out
+
+
+def metrics(opt_state: Any) -> dict[str, jax.Array]:
+  """Every statistic kept in an optimizer state, as a flat dict of arrays.
+
+  Finds the states of this library's transformations at any depth
+  (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``,
+  ``multi_transform``, ``skip_bad_steps``, ``flax.nnx.Optimizer``'s state)
+  and returns ``{"<transform>/<field>": value}``, with a derived
+  ``<transform>/clip_fraction = steps_clipped / max(steps_seen, 1)``. A second
+  instance of the same transformation is keyed ``<transform>_1``, and so on.
+  Statistics kept per leaf (`clip_by_norm`) get one key per leaf path, the
+  largest value over a leaf's slices. Reads only what the state holds: no
+  norm is recomputed, and it is safe inside ``jit``.
+
+  Args:
+    opt_state: an optimizer state (any pytree).
+
+  Returns:
+    A dict from stable string keys to scalars (int32 counters, float32 statistics).
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_momclip as omc
+    >>> tx = optax.chain(omc.clip_by_global_norm(1.0), optax.sgd(0.1))
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> _, state = tx.update(g, tx.init(g))
+    >>> m = omc.metrics(state)
+    >>> print(m["clip_by_global_norm/grad_norm"], m["clip_by_global_norm/clip_fraction"])
+    5.0 1.0
+  """
+  out: dict[str, jax.Array] = {}
+  for name, node in _stats_nodes(opt_state):
+    spec = _REGISTRY[type(node)]
+    values = {}
+    for field in spec.fields:
+      flat = jax.tree_util.tree_flatten_with_path(getattr(node, field))[0]
+      if len(flat) == 1 and not _subkey(flat[0][0]):
+        values[field] = flat[0][1]
+        out[f"{name}/{field}"] = flat[0][1]
+        continue
+      for path, leaf in flat:  # a statistic kept per leaf
+        out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(leaf) if leaf.ndim else leaf
+    for key, (num, den) in spec.fractions.items():
+      if num in values and den in values:
+        denom = jnp.maximum(values[den], 1).astype(jnp.float32)
+        out[f"{name}/{key}"] = values[num].astype(jnp.float32) / denom
+  return out
+
+
+def _check(assertion: Callable[[], None]) -> None:
+  """Runs a chex value assertion; under ``jit`` without ``chex.chexify`` it is skipped."""
+  try:
+    assertion()
+  except RuntimeError as e:
+    if "chexify" not in str(e):
+      raise
+
+
+def _float_leaves(tree: Any) -> list[jax.Array]:
+  return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
+
+
+def with_value_checks(
+  tx: optax.GradientTransformation,
+) -> optax.GradientTransformationExtraArgs:
+  """Adds chex value assertions to ``tx.update``: finite updates and state, norms >= 0.
+
+  Inside a step wrapped in ``chex.chexify`` (or run eagerly) a violation raises
+  an ``AssertionError`` naming the check; in a plain ``jit`` the checks are
+  skipped and cost nothing.
+
+  Args:
+    tx: any gradient transformation.
+
+  Returns:
+    ``tx`` with the same state, whose update asserts after each step.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.with_value_checks(omc.clip_by_global_norm(1.0))
+    >>> g = {"w": jnp.array([jnp.nan, 1.0])}
+    >>> try:
+    ...   tx.update(g, tx.init(g))
+    ... except AssertionError as e:
+    ...   print("caught:", "non-finite" in str(e))
+    caught: True
+  """
+  tx = optax.with_extra_args_support(tx)
+
+  def update_fn(updates: Any, state: Any, params: Any = None, **extra_args: Any) -> tuple[Any, Any]:
+    new_updates, new_state = tx.update(updates, state, params, **extra_args)
+    _check(
+      lambda: chex.assert_tree_all_finite(
+        new_updates, custom_message="with_value_checks: non-finite updates"
+      )
+    )
+    _check(
+      lambda: chex.assert_tree_all_finite(
+        _float_leaves(new_state), custom_message="with_value_checks: non-finite state"
+      )
+    )
+    norms = {k: v >= 0 for k, v in metrics(new_state).items() if "/grad_norm" in k}
+    if norms:
+      _check(
+        lambda: chex.assert_trees_all_equal(
+          norms,
+          {k: jnp.ones_like(v) for k, v in norms.items()},
+          custom_message="with_value_checks: a grad_norm is negative",
+        )
+      )
+    return new_updates, new_state
+
+  return optax.GradientTransformationExtraArgs(tx.init, update_fn)

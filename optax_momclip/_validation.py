@@ -1,0 +1,188 @@
+"""Argument and tree-structure checks shared by every factory."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import chex
+import jax
+import numpy as np
+
+_ORDS = (1, 2, math.inf)
+
+
+def concrete_float(value: Any) -> float | None:
+  """Returns ``value`` as a Python float, or None when it is traced."""
+  if isinstance(value, jax.core.Tracer):
+    return None
+  return float(np.asarray(value))
+
+
+def check_scalar(
+  fn: str,
+  name: str,
+  value: Any,
+  *,
+  low: float | None = None,
+  high: float | None = None,
+  low_open: bool = False,
+  high_open: bool = False,
+  schedule: bool = False,
+) -> None:
+  """Checks a numeric hyperparameter at construction.
+
+  Accepts Python numbers, NumPy scalars and 0-d arrays (traced ones pass
+  unchecked, so ``optax.inject_hyperparams`` works), and callables when
+  ``schedule`` is true. The allowed range is ``[low, high]``, with either end
+  open when ``low_open`` / ``high_open``.
+
+  Raises:
+    TypeError: ``value`` is not a number, a 0-d array or (if allowed) a callable.
+    ValueError: ``value`` is NaN or out of range.
+  """
+  if schedule and callable(value):
+    return
+  kinds = "a number, a 0-d array" + (" or a schedule" if schedule else "")
+  if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "shape")):
+    raise TypeError(f"{fn}: {name} must be {kinds}, got {value!r} ({type(value).__name__})")
+  if hasattr(value, "shape") and tuple(value.shape) != ():
+    raise TypeError(f"{fn}: {name} must be {kinds}, got an array of shape {tuple(value.shape)}")
+  if hasattr(value, "dtype") and not np.issubdtype(np.dtype(value.dtype), np.number):
+    raise TypeError(f"{fn}: {name} must be numeric, got dtype {value.dtype}")
+  v = concrete_float(value)
+  if v is None:
+    return
+  lo = "-inf" if low is None else f"{low:g}"
+  hi = "inf" if high is None else f"{high:g}"
+  valid = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+  too_low = low is not None and (v <= low if low_open else v < low)
+  too_high = high is not None and (v >= high if high_open else v > high)
+  if math.isnan(v) or too_low or too_high:
+    raise ValueError(f"{fn}: {name} must be in {valid}, got {value!r}")
+
+
+def check_order(fn: str, lower_name: str, lower: Any, upper_name: str, upper: Any) -> None:
+  """Checks ``lower <= upper`` when both are concrete numbers."""
+  if callable(lower) or callable(upper) or lower is None or upper is None:
+    return
+  lo, hi = concrete_float(lower), concrete_float(upper)
+  if lo is not None and hi is not None and lo > hi:
+    raise ValueError(
+      f"{fn}: {lower_name} must be <= {upper_name}, got {lower_name}={lower!r} > "
+      f"{upper_name}={upper!r}"
+    )
+
+
+def check_ord(fn: str, ord: Any) -> None:
+  """Checks a norm order is one of 1, 2 or inf."""
+  if hasattr(ord, "shape"):
+    raise TypeError(
+      f"{fn}: ord must be a Python number (1, 2 or inf), got an array {ord!r}; with "
+      "optax.inject_hyperparams pass static_args=('ord',)"
+    )
+  if isinstance(ord, bool) or not isinstance(ord, numbers.Real) or ord not in _ORDS:
+    raise ValueError(f"{fn}: ord must be one of 1, 2 or inf, got {ord!r}")
+
+
+def check_choice(fn: str, name: str, value: Any, choices: Sequence[Any]) -> None:
+  """Checks ``value`` is one of ``choices``."""
+  if value not in choices:
+    raise ValueError(f"{fn}: {name} must be one of {tuple(choices)!r}, got {value!r}")
+
+
+def check_axis_name(fn: str, axis_name: Any) -> None:
+  """Checks a mapped-axis name: None, a string, or a tuple of strings."""
+  ok = (
+    axis_name is None
+    or isinstance(axis_name, str)
+    or (isinstance(axis_name, tuple) and axis_name and all(isinstance(a, str) for a in axis_name))
+  )
+  if not ok:
+    raise TypeError(
+      f"{fn}: axis_name must be None, a string or a tuple of strings, got {axis_name!r}"
+    )
+
+
+def check_axes(fn: str, name: str, axis: Any) -> None:
+  """Checks an array-axis argument: None, an int, or a tuple of ints."""
+  ok = (
+    axis is None
+    or (isinstance(axis, int) and not isinstance(axis, bool))
+    or (
+      isinstance(axis, tuple)
+      and axis
+      and all(isinstance(a, int) and not isinstance(a, bool) for a in axis)
+    )
+  )
+  if not ok:
+    raise TypeError(f"{fn}: {name} must be None, an int or a tuple of ints, got {axis!r}")
+
+
+def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> None:
+  """Checks a Python integer hyperparameter is at least ``low``."""
+  if hasattr(value, "shape"):
+    raise TypeError(
+      f"{fn}: {name} must be a Python int (it fixes a shape), got an array {value!r}; "
+      f"with optax.inject_hyperparams pass static_args=('{name}',)"
+    )
+  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{fn}: {name} must be an int, got {value!r} ({type(value).__name__})")
+  if value < low:
+    raise ValueError(f"{fn}: {name} must be >= {low}, got {value!r}")
+
+
+def check_dtype(fn: str, name: str, dtype: Any) -> None:
+  """Checks an optional floating dtype argument such as ``accumulator_dtype``."""
+  if dtype is None:
+    return
+  try:
+    ok = np.issubdtype(np.dtype(dtype), np.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(f"{fn}: {name} must be None or a floating dtype, got {dtype!r}")
+
+
+def _paths(tree: Any) -> list[str]:
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: x is None)[0]
+  return [jax.tree_util.keystr(path) for path, _ in leaves]
+
+
+def check_tree_matches(fn: str, updates: Any, state_tree: Any, *, shapes: bool = True) -> None:
+  """Asserts at trace time that ``updates`` has the structure (and shapes) of the state.
+
+  Raises:
+    AssertionError: through chex, naming ``fn`` and the first mismatching path.
+  """
+  up_paths, st_paths = _paths(updates), _paths(state_tree)
+  if up_paths != st_paths:
+    only_up = [p for p in up_paths if p not in st_paths]
+    only_st = [p for p in st_paths if p not in up_paths]
+    detail = (
+      f"{fn}: the updates do not have the structure of the state "
+      f"(only in updates: {only_up[:3]}, only in state: {only_st[:3]})"
+    )
+    chex.assert_trees_all_equal_structs(updates, state_tree, custom_message=detail)
+    raise AssertionError(detail)  # same leaves in another container type
+  if not shapes:
+    return
+  pairs = zip(
+    jax.tree_util.tree_flatten_with_path(updates)[0],
+    jax.tree.leaves(state_tree),
+    strict=True,
+  )
+  for (path, u), s in pairs:
+    if tuple(u.shape) != tuple(s.shape):
+      chex.assert_equal_shape(
+        [u, s],
+        custom_message=(
+          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} != "
+          f"state shape {tuple(s.shape)}"
+        ),
+      )
+
+
+ScheduleOrScalar = float | jax.Array | Callable[[jax.Array], jax.Array]

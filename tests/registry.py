@@ -1,0 +1,63 @@
+"""Every public transformation, as the contract tests build it."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import optax
+
+import optax_momclip as omc
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  """How to build one public transformation for the contract tests.
+
+  Attributes:
+    name: the factory's public name (one Case per factory at least).
+    make: builds the transformation with settings that make it do real work
+      on the contract gradients (norms around 1-10).
+    factory: the factory itself, for ``optax.inject_hyperparams``.
+    numeric: keyword arguments of ``factory`` that inject_hyperparams turns
+      into traced arrays (besides positional defaults).
+    static_args: arguments that fix shapes or code paths (``ord``, window
+      sizes), passed as ``static_args`` to ``optax.inject_hyperparams``.
+    needs_params: update needs ``params``.
+  """
+
+  name: str
+  make: Callable[[], optax.GradientTransformation]
+  factory: Callable[..., optax.GradientTransformation]
+  numeric: dict[str, Any]
+  static_args: tuple[str, ...] = ()
+  needs_params: bool = False
+
+
+CASES: list[Case] = [
+  Case(
+    "clip_by_value",
+    lambda: omc.clip_by_value(0.5),
+    omc.clip_by_value,
+    {"max_value": 0.5},
+  ),
+  Case(
+    "clip_by_norm",
+    lambda: omc.clip_by_norm(1.0, min_norm=0.1),
+    omc.clip_by_norm,
+    {"max_norm": 1.0, "min_norm": 0.1},
+    static_args=("ord",),
+  ),
+  Case(
+    "clip_by_global_norm",
+    lambda: omc.clip_by_global_norm(1.0, min_norm=0.1),
+    omc.clip_by_global_norm,
+    {"max_norm": 1.0, "min_norm": 0.1},
+    static_args=("ord",),
+  ),
+  # Later issues append their transformations here.
+]
+
+# Public names that are not transformations (checked elsewhere).
+NOT_TRANSFORMS = {"global_norm", "metrics", "with_value_checks", "demon"}
