@@ -57,7 +57,9 @@ def check_scalar(
     return
   lo = "-inf" if low is None else f"{low:g}"
   hi = "inf" if high is None else f"{high:g}"
-  valid = f"{'(' if low_open or low is None else '['}{lo}, {hi}{')' if high_open or high is None else ']'}"
+  left = "(" if low_open or low is None else "["
+  right = ")" if high_open or high is None else "]"
+  valid = f"{left}{lo}, {hi}{right}"
   too_low = low is not None and (v <= low if low_open else v < low)
   too_high = high is not None and (v >= high if high_open else v > high)
   if math.isnan(v) or too_low or too_high:

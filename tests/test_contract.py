@@ -113,7 +113,7 @@ def test_lax_cond_accepts_the_state(case: Case):
   def step(pred, g, state):
     return jax.lax.cond(pred, lambda: tx.update(g, state, params), lambda: (g, state))
 
-  u, s = step(True, _grads(0), state)
+  _, s = step(True, _grads(0), state)
   _, s = step(False, _grads(1), s)
   chex.assert_trees_all_equal_structs(s, state)
 
@@ -187,7 +187,7 @@ def test_nnx_state_container(case: Case):
   tx = case.make()
   params = nnx.State(_params())
   grads = nnx.State(_grads(0))
-  u, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  u, _ = jax.jit(tx.update)(grads, tx.init(params), params)
   assert isinstance(u, nnx.State)
   plain, _ = _run(case.make(), 1)
   chex.assert_trees_all_close(jax.tree.leaves(u), jax.tree.leaves(plain[0]), rtol=1e-6)
@@ -210,7 +210,8 @@ def test_vmap_over_seeds(case: Case):
   us, _ = jax.vmap(lambda g, s: tx.update(g, s, params))(grads, states)
   for t in range(3):
     single, _ = tx.update(_grads(t), tx.init(params), params)
-    chex.assert_trees_all_close(jax.tree.map(lambda x: x[t], us), single, rtol=1e-6, atol=1e-7)
+    row = jax.tree.map(lambda x, t=t: x[t], us)
+    chex.assert_trees_all_close(row, single, rtol=1e-6, atol=1e-7)
 
 
 def test_registry_covers_every_public_transformation():
