@@ -1,0 +1,317 @@
+"""`python -m optax_momclip demo`: clipping and momentum on two tasks where they matter."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import math
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+EXTRA_DEPS = {"matplotlib": "matplotlib", "sklearn": "scikit-learn", "tqdm": "tqdm"}
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Sizes of a demo run; `QUICK` is the smoke-test setting.
+
+  Attributes:
+    seeds: runs per (arm, learning rate); each seed fixes an initialisation
+      and a data stream shared by every arm.
+    rnn_steps: SGD steps on the temporal-order task.
+    rnn_evals: held-out evaluations (and progress updates) during them.
+    mlp_steps: SGD steps per learning rate on digits.
+    mlp_evals: held-out evaluations during them.
+    mlp_lrs: the learning-rate sweep on digits.
+  """
+
+  seeds: int = 5
+  rnn_steps: int = 2500
+  rnn_evals: int = 25
+  mlp_steps: int = 400
+  mlp_evals: int = 8
+  mlp_lrs: tuple[float, ...] = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
+
+
+QUICK = Config(
+  seeds=2, rnn_steps=150, rnn_evals=3, mlp_steps=60, mlp_evals=2, mlp_lrs=(0.01, 0.3, 3.0)
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmSpec:
+  """An optimizer configuration of the demo, built only if its factories exist.
+
+  Attributes:
+    name: the row label.
+    make: ``(omc, learning_rate) -> transformation``.
+    requires: public names of ``optax_momclip`` the arm needs.
+    lr: learning rate on the temporal-order task (None: not run there).
+    sweep: whether it takes part in the digits learning-rate sweep.
+  """
+
+  name: str
+  make: Callable[[Any, Any], Any]
+  requires: tuple[str, ...] = ()
+  lr: float | None = None
+  sweep: bool = True
+
+
+def _sgd(lr: Any) -> Any:
+  import optax
+
+  return optax.scale_by_learning_rate(lr)
+
+
+def _chain(*txs: Any) -> Any:
+  import optax
+
+  return optax.chain(*txs)
+
+
+# Clip thresholds are absolute (c = 1, Pascanu et al.'s choice); adaptive
+# methods use their papers' defaults unless noted.
+ARMS: tuple[ArmSpec, ...] = (
+  ArmSpec("sgd, no clipping", lambda omc, lr: _sgd(lr), lr=0.01),
+  ArmSpec("sgd, no clipping (large lr)", lambda omc, lr: _sgd(lr), lr=0.1, sweep=False),
+  ArmSpec(
+    "clip_by_global_norm(1)",
+    lambda omc, lr: _chain(omc.clip_by_global_norm(1.0), _sgd(lr)),
+    ("clip_by_global_norm",),
+    lr=0.1,
+  ),
+  ArmSpec(
+    "adaptive_grad_clip(0.05)",
+    lambda omc, lr: _chain(omc.adaptive_grad_clip(0.05), _sgd(lr)),
+    ("adaptive_grad_clip",),
+    lr=0.1,
+  ),
+  ArmSpec(
+    "autoclip(10)",
+    lambda omc, lr: _chain(omc.autoclip(10.0), _sgd(lr)),
+    ("autoclip",),
+    lr=0.1,
+  ),
+  ArmSpec("zclip(2.5)", lambda omc, lr: _chain(omc.zclip(2.5), _sgd(lr)), ("zclip",), lr=0.1),
+  ArmSpec(
+    "skip_bad_steps(z=3)",
+    lambda omc, lr: omc.skip_bad_steps(_sgd(lr), spike_zscore=3.0),
+    ("skip_bad_steps",),
+    lr=0.1,
+  ),
+  ArmSpec(
+    "heavy_ball(0.9), no clipping",
+    lambda omc, lr: _chain(omc.heavy_ball(0.9), _sgd(lr)),
+    ("heavy_ball",),
+    lr=0.01,
+  ),
+  ArmSpec(
+    "momclip_sgd(0.9, max_norm=1)",
+    lambda omc, lr: omc.momclip_sgd(lr, 0.9, max_norm=1.0),
+    ("momclip_sgd",),
+    lr=0.01,
+  ),
+  ArmSpec(
+    "clipped_momentum(1, 0.9)",
+    lambda omc, lr: _chain(omc.clipped_momentum(1.0, 0.9), _sgd(lr)),
+    ("clipped_momentum",),
+    lr=0.1,
+  ),
+  ArmSpec(
+    "normalized_momentum(0.9)",
+    lambda omc, lr: _chain(omc.normalized_momentum(0.9), _sgd(lr)),
+    ("normalized_momentum",),
+    lr=0.1,
+  ),
+)
+
+
+def available_arms(omc: Any) -> tuple[list[ArmSpec], list[ArmSpec]]:
+  """The arms whose factories this version of the library has, and the others."""
+  have = [a for a in ARMS if all(hasattr(omc, n) for n in a.requires)]
+  return have, [a for a in ARMS if a not in have]
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+    prog="python -m optax_momclip demo",
+    description=(
+      "Trains Pascanu et al.'s temporal-order task (tanh RNN, exploding gradients) and a "
+      "learning-rate sweep of a deep plain MLP on sklearn's digits with no clipping, "
+      "clip_by_global_norm, adaptive_grad_clip, autoclip, zclip, skip_bad_steps and momentum "
+      "variants over several seeds; prints a table and writes PNG plots and results.json."
+    ),
+  )
+  parser.add_argument("--quick", action="store_true", help="a smoke run of a few seconds")
+  parser.add_argument("--out", default="momclip_out", help="output folder (default: %(default)s)")
+  parser.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 5, quick 2)")
+  parser.add_argument(
+    "--steps", type=_positive_int, help="SGD steps on the temporal-order task (default 2500)"
+  )
+  parser.add_argument(
+    "--task",
+    choices=("all", "temporal_order", "digits"),
+    default="all",
+    help="which task to run (default: %(default)s)",
+  )
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser
+
+
+def _positive_int(text: str) -> int:
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+  if value < 1:
+    raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+  return value
+
+
+def missing_extras() -> list[str]:
+  """The pip names of the ``examples`` extra's packages that are not installed."""
+  return [pip for mod, pip in EXTRA_DEPS.items() if importlib.util.find_spec(mod) is None]
+
+
+def _config(args: argparse.Namespace) -> Config:
+  config = QUICK if args.quick else Config()
+  if args.seeds is not None:
+    config = dataclasses.replace(config, seeds=args.seeds)
+  if args.steps is not None:
+    evals = math.gcd(args.steps, config.rnn_evals) if args.steps >= config.rnn_evals else 1
+    config = dataclasses.replace(config, rnn_steps=args.steps, rnn_evals=evals)
+  return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the demo; returns the process exit status."""
+  parser = build_parser()
+  args = parser.parse_args(argv)
+  missing = missing_extras()
+  if missing:
+    print(
+      "The demo needs the 'examples' extra, which is not fully installed (missing: "
+      f'{", ".join(missing)}).\nInstall it with:  pip install -e ".[examples]"  '
+      "(or  pip install " + " ".join(missing) + ")",
+      file=sys.stderr,
+    )
+    return 1
+  config = _config(args)
+
+  from pathlib import Path
+
+  import optax_momclip as omc
+  from optax_momclip import _report
+
+  out = Path(args.out)
+  try:
+    out.mkdir(parents=True, exist_ok=True)
+  except OSError as e:
+    parser.error(f"--out: cannot create {str(out)!r}: {e.strerror}")
+
+  arms, skipped = available_arms(omc)
+  progress = not args.no_progress and sys.stderr.isatty()
+  t0 = time.perf_counter()
+  results: dict[str, Any] = {
+    "config": {**dataclasses.asdict(config), "quick": args.quick, "task": args.task},
+    "versions": _versions(),
+    "skipped_arms": [a.name for a in skipped],
+    "tasks": {},
+  }
+  if args.task in ("all", "temporal_order"):
+    results["tasks"]["temporal_order"] = run_temporal_order(omc, arms, config, progress)
+  if args.task in ("all", "digits"):
+    results["tasks"]["digits"] = run_digits(omc, arms, config, progress)
+  results["wall_time_s"] = round(time.perf_counter() - t0, 1)
+
+  text = _report.tables(results)
+  print(text)
+  if skipped:
+    print(
+      "not run (their factories are not in this version): " + ", ".join(results["skipped_arms"])
+    )
+  files = _report.write(results, text, out)
+  print(f"\nwall time {results['wall_time_s']} s; wrote " + ", ".join(str(f) for f in files))
+  return 0
+
+
+def _versions() -> dict[str, str]:
+  import jax
+  import optax
+
+  import optax_momclip
+
+  return {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "optax_momclip": optax_momclip.__version__,
+    "backend": jax.default_backend(),
+    "devices": str(jax.devices()[0].device_kind),
+  }
+
+
+def _bar(total: int, desc: str, enabled: bool) -> Any:
+  from tqdm.auto import tqdm
+
+  return tqdm(total=total, desc=desc, unit="step", disable=not enabled, leave=True)
+
+
+def _train(
+  task: Any,
+  arms: list[Any],
+  lrs: np.ndarray,
+  config: Config,
+  steps: int,
+  evals: int,
+  progress: bool,
+) -> Any:
+  from optax_momclip._train import train
+
+  with _bar(steps, f"{task.name} (compiling)", progress) as bar:
+
+    def on_chunk(done: int) -> None:
+      bar.set_description(task.name)
+      bar.update(done - bar.n)
+
+    return train(task, arms, lrs, seeds=config.seeds, steps=steps, evals=evals, on_chunk=on_chunk)
+
+
+def _arm(spec: ArmSpec, omc: Any) -> Any:
+  from optax_momclip._train import Arm
+
+  return Arm(spec.name, lambda lr, spec=spec: spec.make(omc, lr), spec.lr or 0.0)
+
+
+def run_temporal_order(omc: Any, specs: list[ArmSpec], config: Config, progress: bool) -> dict:
+  """Each arm at its own learning rate on the temporal-order task."""
+  from optax_momclip import _report
+  from optax_momclip._tasks import temporal_order_task
+
+  task = temporal_order_task()
+  specs = [s for s in specs if s.lr is not None]
+  lrs = np.array([[s.lr] for s in specs], np.float32)
+  runs = _train(
+    task, [_arm(s, omc) for s in specs], lrs, config, config.rnn_steps, config.rnn_evals, progress
+  )
+  return _report.summarise(task, [s.name for s in specs], lrs, runs)
+
+
+def run_digits(omc: Any, specs: list[ArmSpec], config: Config, progress: bool) -> dict:
+  """Every sweeping arm at every learning rate of ``config.mlp_lrs`` on digits."""
+  from optax_momclip import _report
+  from optax_momclip._tasks import digits_task
+
+  task = digits_task()
+  specs = [s for s in specs if s.sweep]
+  lrs = np.array([config.mlp_lrs] * len(specs), np.float32)
+  runs = _train(
+    task, [_arm(s, omc) for s in specs], lrs, config, config.mlp_steps, config.mlp_evals, progress
+  )
+  return _report.summarise(task, [s.name for s in specs], lrs, runs)
