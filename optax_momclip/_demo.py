@@ -296,7 +296,7 @@ def run_temporal_order(omc: Any, specs: list[ArmSpec], config: Config, progress:
 
   task = temporal_order_task()
   specs = [s for s in specs if s.lr is not None]
-  lrs = np.array([[s.lr] for s in specs], np.float32)
+  lrs = np.array([[s.lr] for s in specs], np.float64)
   runs = _train(
     task, [_arm(s, omc) for s in specs], lrs, config, config.rnn_steps, config.rnn_evals, progress
   )
@@ -310,7 +310,7 @@ def run_digits(omc: Any, specs: list[ArmSpec], config: Config, progress: bool) -
 
   task = digits_task()
   specs = [s for s in specs if s.sweep]
-  lrs = np.array([config.mlp_lrs] * len(specs), np.float32)
+  lrs = np.array([config.mlp_lrs] * len(specs), np.float64)
   runs = _train(
     task, [_arm(s, omc) for s in specs], lrs, config, config.mlp_steps, config.mlp_evals, progress
   )
