@@ -2,6 +2,7 @@
 
 import chex
 import jax
+import jax.extend
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -118,7 +119,7 @@ def _count_reductions(jaxpr, shapes, in_cond=False):
         inside += 1
       else:
         outside += 1
-    for sub in jax.core.jaxprs_in_params(eqn.params):
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
       o, i = _count_reductions(sub, shapes, in_cond or eqn.primitive.name == "cond")
       outside, inside = outside + o, inside + i
   return outside, inside
