@@ -286,7 +286,10 @@ def _train(
 def _arm(spec: ArmSpec, omc: Any) -> Any:
   from optax_momclip._train import Arm
 
-  return Arm(spec.name, lambda lr, spec=spec: spec.make(omc, lr), spec.lr or 0.0)
+  def make(lr: Any) -> Any:
+    return spec.make(omc, lr)
+
+  return Arm(spec.name, make, spec.lr or 0.0)
 
 
 def run_temporal_order(omc: Any, specs: list[ArmSpec], config: Config, progress: bool) -> dict:

@@ -77,7 +77,7 @@ def train(
   evals: int,
   on_chunk: Callable[[int], None] | None = None,
 ) -> Runs:
-  """Trains ``task`` with every arm at every learning rate in ``lrs[a]`` from ``seeds`` seeds.
+  """Trains ``task`` with every arm at every learning rate in ``lr_table[a]`` from ``seeds`` seeds.
 
   Each seed fixes an initialisation and a data stream that every arm and
   learning rate shares, so arms differ only by their optimizer. Steps run in a
@@ -101,7 +101,7 @@ def train(
   if steps % evals:
     raise ValueError(f"train: steps ({steps}) must be a multiple of evals ({evals})")
   chunk = steps // evals
-  lrs = jnp.asarray(lrs, jnp.float32)
+  lr_table = jnp.asarray(lrs, jnp.float32)
   seed_keys = jax.random.split(jax.random.key(0), seeds)
   data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys)
 
@@ -111,7 +111,7 @@ def train(
   def init_states(params: Any) -> tuple[Any, ...]:
     return tuple(
       _over_lrs_and_seeds(lambda lr, p, arm=arm: arm.make(lr).init(p))(
-        lrs[a], jax.tree.map(lambda x, a=a: x[a], params)
+        lr_table[a], jax.tree.map(lambda x, a=a: x[a], params)
       )
       for a, arm in enumerate(arms)
     )
@@ -132,7 +132,7 @@ def train(
         u, s = arm.make(lr).update(g, s, p)
         return optax.apply_updates(p, u), s
 
-      p, s = _over_lrs_and_seeds(update)(lrs[a], (pick(grads), states[a], pick(params)))
+      p, s = _over_lrs_and_seeds(update)(lr_table[a], (pick(grads), states[a], pick(params)))
       new_params.append(p)
       new_states.append(s)
     params = jax.tree.map(lambda *xs: jnp.stack(xs), *new_params)
