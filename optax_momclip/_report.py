@@ -94,11 +94,15 @@ def _median(xs: list[float | None]) -> float:
   return float(np.median(vals)) if vals else float("nan")
 
 
+def _took(res: dict[str, Any]) -> str:
+  return f"; {res['wall_time_s']:g} s" if "wall_time_s" in res else ""
+
+
 def _temporal_table(res: dict[str, Any]) -> list[str]:
   s = res["seeds"]
   lines = [
     f"{res['title']}: {s} seeds x {res['steps']} steps of batch-20 SGD; solved = held-out "
-    f"accuracy >= {res['solved_at']:g} (chance {res['chance_accuracy']:g})",
+    f"accuracy >= {res['solved_at']:g} (chance {res['chance_accuracy']:g}){_took(res)}",
     f"{'arm':<32} {'lr':>6} {'solved':>7} {'median acc':>11} {'diverged':>9} {'clipped':>8}",
   ]
   for arm in res["arms"]:
@@ -118,7 +122,7 @@ def _sweep_table(res: dict[str, Any]) -> list[str]:
   total = s * len(lrs)
   lines = [
     f"{res['title']}: {s} seeds x {res['steps']} steps of batch-64 SGD at each lr; "
-    f"median held-out accuracy per lr; solved = accuracy >= {res['solved_at']:g}",
+    f"median held-out accuracy per lr; solved = accuracy >= {res['solved_at']:g}{_took(res)}",
     f"{'arm':<32} " + " ".join(f"{lr:>6g}" for lr in lrs) + f" {'solved':>7} {'diverged':>9}",
   ]
   for arm in res["arms"]:
