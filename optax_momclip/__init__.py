@@ -1,5 +1,11 @@
 """Exact, fast gradient clipping and momentum as optax GradientTransformations."""
 
+from optax_momclip._adaptive import AdaptiveGradClipState as AdaptiveGradClipState
+from optax_momclip._adaptive import AutoClipState as AutoClipState
+from optax_momclip._adaptive import ZClipState as ZClipState
+from optax_momclip._adaptive import adaptive_grad_clip as adaptive_grad_clip
+from optax_momclip._adaptive import autoclip as autoclip
+from optax_momclip._adaptive import zclip as zclip
 from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from optax_momclip._clipping import ClipByNormState as ClipByNormState
 from optax_momclip._clipping import ClipByValueState as ClipByValueState
@@ -13,13 +19,19 @@ from optax_momclip._norms import global_norm as global_norm
 __version__ = "0.1.0"
 
 __all__ = [
+  "AdaptiveGradClipState",
+  "AutoClipState",
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "ZClipState",
+  "adaptive_grad_clip",
+  "autoclip",
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
   "global_norm",
   "metrics",
   "with_value_checks",
+  "zclip",
 ]

@@ -56,6 +56,26 @@ CASES: list[Case] = [
     {"max_norm": 1.0, "min_norm": 0.1},
     static_args=("ord",),
   ),
+  Case(
+    "adaptive_grad_clip",
+    lambda: omc.adaptive_grad_clip(0.1),
+    omc.adaptive_grad_clip,
+    {"clipping": 0.1, "eps": 1e-3},
+    needs_params=True,
+  ),
+  Case(
+    "autoclip",
+    lambda: omc.autoclip(10.0, window=4),
+    omc.autoclip,
+    {"percentile": 10.0, "window": 4},
+    static_args=("window", "ord"),
+  ),
+  Case(
+    "zclip",
+    lambda: omc.zclip(1.0, warmup_steps=1),
+    omc.zclip,
+    {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 1},
+  ),
   # Later issues append their transformations here.
 ]
 
