@@ -12,6 +12,8 @@ from optax_momclip._clipping import ClipByValueState as ClipByValueState
 from optax_momclip._clipping import clip_by_global_norm as clip_by_global_norm
 from optax_momclip._clipping import clip_by_norm as clip_by_norm
 from optax_momclip._clipping import clip_by_value as clip_by_value
+from optax_momclip._guards import SkipBadStepsState as SkipBadStepsState
+from optax_momclip._guards import skip_bad_steps as skip_bad_steps
 from optax_momclip._metrics import metrics as metrics
 from optax_momclip._metrics import with_value_checks as with_value_checks
 from optax_momclip._norms import global_norm as global_norm
@@ -24,6 +26,7 @@ __all__ = [
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "SkipBadStepsState",
   "ZClipState",
   "adaptive_grad_clip",
   "autoclip",
@@ -32,6 +35,7 @@ __all__ = [
   "clip_by_value",
   "global_norm",
   "metrics",
+  "skip_bad_steps",
   "with_value_checks",
   "zclip",
 ]

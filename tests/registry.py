@@ -76,6 +76,25 @@ CASES: list[Case] = [
     omc.zclip,
     {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 1},
   ),
+  Case(
+    "skip_bad_steps",
+    lambda: omc.skip_bad_steps(
+      omc.clip_by_global_norm(1.0),
+      max_norm=10.0,
+      spike_zscore=2.0,
+      warmup_steps=1,
+      max_consecutive_skips=2,
+    ),
+    omc.skip_bad_steps,
+    {
+      "inner": omc.clip_by_global_norm(1.0),
+      "max_norm": 10.0,
+      "spike_zscore": 2.0,
+      "alpha": 0.9,
+      "warmup_steps": 1,
+      "max_consecutive_skips": 2,
+    },
+  ),
   # Later issues append their transformations here.
 ]
 
