@@ -107,6 +107,16 @@ def adaptive_grad_clip(
     >>> print(u["kernel"][:, 0], state.units_clipped)
     [0.5 0. ] 1
 
+    With a Flax ``Dense`` layer, each output unit (kernel column) is bounded by
+    its own weight norm; a gradient parallel to the weights is clipped to λW:
+
+    >>> import flax.linen as nn, jax
+    >>> params = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> grads = jax.tree.map(lambda p: 100.0 * p, params)  # kernel (4, 3), bias (3,) zeros
+    >>> u, state = tx.update(grads, tx.init(params), params)
+    >>> print(jnp.allclose(u["kernel"], 0.1 * params["kernel"]), state.units_clipped)
+    True 3
+
   References:
     Brock, De, Smith, Simonyan, *High-Performance Large-Scale Image
     Recognition Without Normalization*, 2021, https://arxiv.org/abs/2102.06171
