@@ -9,17 +9,13 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _metrics, _norms, _validation
-from optax_momclip._clipping import range_scale, scale_leaf, scale_tree
+from optax_momclip._clipping import _count_if, range_scale, scale_leaf, scale_tree
 
 _F32 = jnp.float32
 # A clip_threshold reported while no threshold applies (warm-up without a cap).
 _NO_LIMIT = float(jnp.finfo(_F32).max)
 # ZClip's eps in the z-score denominator (reference implementation).
 _Z_EPS = 1e-6
-
-
-def _count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
-  return jnp.where(cond, optax.safe_increment(counter), counter)
 
 
 def _clip_stats() -> dict[str, jax.Array]:
@@ -330,14 +326,6 @@ class ZClipState(NamedTuple):
   stats_count: jax.Array  # i32[]
 
 
-def check_count(fn: str, name: str, value: Any) -> None:
-  """A count that may also arrive as a 0-d array (``optax.inject_hyperparams``)."""
-  if hasattr(value, "shape"):
-    _validation.check_scalar(fn, name, value, low=1.0)
-  else:
-    _validation.check_positive_int(fn, name, value)
-
-
 def norm_statistics(
   norm: jax.Array,
   fed: jax.Array,
@@ -428,7 +416,7 @@ def zclip(
   fn = "zclip"
   _validation.check_scalar(fn, "z_threshold", z_threshold, low=0.0, low_open=True)
   _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
-  check_count(fn, "warmup_steps", warmup_steps)
+  _validation.check_count(fn, "warmup_steps", warmup_steps)
   if max_norm is not None:
     _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
   _validation.check_axis_name(fn, axis_name)

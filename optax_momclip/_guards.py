@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _adaptive, _metrics, _norms, _validation
+from optax_momclip._clipping import _count_if
 
 _F32 = jnp.float32
 
@@ -132,9 +133,9 @@ def skip_bad_steps(
   if spike_zscore is not None:
     _validation.check_scalar(fn, "spike_zscore", spike_zscore, low=0.0, low_open=True)
   _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
-  _adaptive.check_count(fn, "warmup_steps", warmup_steps)
+  _validation.check_count(fn, "warmup_steps", warmup_steps)
   if max_consecutive_skips is not None:
-    _adaptive.check_count(fn, "max_consecutive_skips", max_consecutive_skips)
+    _validation.check_count(fn, "max_consecutive_skips", max_consecutive_skips)
   _validation.check_axis_name(fn, axis_name)
   inner = optax.with_extra_args_support(inner)
 
@@ -177,11 +178,7 @@ def skip_bad_steps(
       warmup_steps,
       jnp.asarray(alpha, _F32),
     )
-    spikes = jnp.where(
-      fed,
-      0,
-      jnp.where(bad, optax.safe_increment(state.consecutive_spikes), state.consecutive_spikes),
-    )
+    spikes = jnp.where(fed, 0, _count_if(state.consecutive_spikes, bad))
     restart = jnp.zeros([], bool)
     if max_consecutive_skips is not None:
       restart = bad & (spikes >= max_consecutive_skips)
@@ -197,16 +194,14 @@ def skip_bad_steps(
       inner_state=new_inner,
       checked_norm=norm,
       steps_checked=optax.safe_increment(state.steps_checked),
-      steps_skipped=jnp.where(skip, optax.safe_increment(state.steps_skipped), state.steps_skipped),
+      steps_skipped=_count_if(state.steps_skipped, skip),
       consecutive_skips=jnp.where(skip, optax.safe_increment(state.consecutive_skips), 0),
       last_step_skipped=skip,
       spike_mean=jnp.where(restart, zero_f, mean),
       spike_var=jnp.where(restart, zero_f, var),
       spike_count=jnp.where(restart, 0, count),
       consecutive_spikes=jnp.where(restart, 0, spikes),
-      spike_restarts=jnp.where(
-        restart, optax.safe_increment(state.spike_restarts), state.spike_restarts
-      ),
+      spike_restarts=_count_if(state.spike_restarts, restart),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
