@@ -1,11 +1,11 @@
 """Exact, fast gradient clipping and momentum as optax GradientTransformations."""
 
-from optax_momclip._adaptive import AdaptiveGradClipState as AdaptiveGradClipState
 from optax_momclip._adaptive import AutoClipState as AutoClipState
 from optax_momclip._adaptive import ZClipState as ZClipState
-from optax_momclip._adaptive import adaptive_grad_clip as adaptive_grad_clip
 from optax_momclip._adaptive import autoclip as autoclip
 from optax_momclip._adaptive import zclip as zclip
+from optax_momclip._agc import AdaptiveGradClipState as AdaptiveGradClipState
+from optax_momclip._agc import adaptive_grad_clip as adaptive_grad_clip
 from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from optax_momclip._clipping import ClipByNormState as ClipByNormState
 from optax_momclip._clipping import ClipByValueState as ClipByValueState

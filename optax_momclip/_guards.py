@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _adaptive, _metrics, _norms, _validation
-from optax_momclip._clipping import _count_if
+from optax_momclip._clipping import count_if
 
 _F32 = jnp.float32
 
@@ -178,7 +178,7 @@ def skip_bad_steps(
       warmup_steps,
       jnp.asarray(alpha, _F32),
     )
-    spikes = jnp.where(fed, 0, _count_if(state.consecutive_spikes, bad))
+    spikes = jnp.where(fed, 0, count_if(state.consecutive_spikes, bad))
     restart = jnp.zeros([], bool)
     if max_consecutive_skips is not None:
       restart = bad & (spikes >= max_consecutive_skips)
@@ -194,14 +194,14 @@ def skip_bad_steps(
       inner_state=new_inner,
       checked_norm=norm,
       steps_checked=optax.safe_increment(state.steps_checked),
-      steps_skipped=_count_if(state.steps_skipped, skip),
+      steps_skipped=count_if(state.steps_skipped, skip),
       consecutive_skips=jnp.where(skip, optax.safe_increment(state.consecutive_skips), 0),
       last_step_skipped=skip,
       spike_mean=jnp.where(restart, zero_f, mean),
       spike_var=jnp.where(restart, zero_f, var),
       spike_count=jnp.where(restart, 0, count),
       consecutive_spikes=jnp.where(restart, 0, spikes),
-      spike_restarts=_count_if(state.spike_restarts, restart),
+      spike_restarts=count_if(state.spike_restarts, restart),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
