@@ -8,18 +8,36 @@ from optax_momclip._clipping import clip_by_norm as clip_by_norm
 from optax_momclip._clipping import clip_by_value as clip_by_value
 from optax_momclip._metrics import metrics as metrics
 from optax_momclip._metrics import with_value_checks as with_value_checks
+from optax_momclip._momentum import AggmoState as AggmoState
+from optax_momclip._momentum import EmaMomentumState as EmaMomentumState
+from optax_momclip._momentum import HeavyBallState as HeavyBallState
+from optax_momclip._momentum import QhmState as QhmState
+from optax_momclip._momentum import aggmo as aggmo
+from optax_momclip._momentum import demon as demon
+from optax_momclip._momentum import ema_momentum as ema_momentum
+from optax_momclip._momentum import heavy_ball as heavy_ball
+from optax_momclip._momentum import qhm as qhm
 from optax_momclip._norms import global_norm as global_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AggmoState",
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "EmaMomentumState",
+  "HeavyBallState",
+  "QhmState",
+  "aggmo",
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
+  "demon",
+  "ema_momentum",
   "global_norm",
+  "heavy_ball",
   "metrics",
+  "qhm",
   "with_value_checks",
 ]

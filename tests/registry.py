@@ -56,6 +56,21 @@ CASES: list[Case] = [
     {"max_norm": 1.0, "min_norm": 0.1},
     static_args=("ord",),
   ),
+  Case(
+    "heavy_ball",
+    lambda: omc.heavy_ball(omc.demon(0.9, total_steps=10), dampening=0.1),
+    omc.heavy_ball,
+    {"momentum": 0.9, "dampening": 0.1},
+  ),
+  Case(
+    "ema_momentum",
+    lambda: omc.ema_momentum(0.8, debias=True),
+    omc.ema_momentum,
+    {"decay": 0.8},
+  ),
+  Case("qhm", lambda: omc.qhm(0.9, 0.7), omc.qhm, {"momentum": 0.9, "nu": 0.7}),
+  # Powers of two: exact products, so XLA's FMA contraction under jit cannot differ from eager.
+  Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}),
   # Later issues append their transformations here.
 ]
 
