@@ -167,7 +167,7 @@ def test_aggmo_matches_its_rule():
   betas = (0.0, 0.9, 0.99)
 
   def rule(g):
-    v, out = np.zeros((3,) + g.shape[1:]), []
+    v, out = np.zeros((3, *g.shape[1:])), []
     for gt in g:
       v = np.array(betas).reshape((3,) + (1,) * gt.ndim) * v + gt
       out.append(v.mean(0))
@@ -246,7 +246,9 @@ def test_bf16_accumulator_for_every_momentum(make):
   assert all(b.dtype == jnp.bfloat16 for b in jax.tree.leaves(state.momentum_buffer))
   assert all(u.dtype == jnp.float32 for u in jax.tree.leaves(ours))
   chex.assert_trees_all_close(ours, full, rtol=3e-2, atol=3e-2)  # bf16 has 8 bits
-  assert not all(np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (ours, full))))
+  assert not all(
+    np.array_equal(a, b) for a, b in zip(*map(jax.tree.leaves, (ours, full)), strict=True)
+  )
 
 
 # errors
