@@ -6,6 +6,10 @@ from optax_momclip._clipping import ClipByValueState as ClipByValueState
 from optax_momclip._clipping import clip_by_global_norm as clip_by_global_norm
 from optax_momclip._clipping import clip_by_norm as clip_by_norm
 from optax_momclip._clipping import clip_by_value as clip_by_value
+from optax_momclip._combined import ClippedMomentumState as ClippedMomentumState
+from optax_momclip._combined import NormalizedMomentumState as NormalizedMomentumState
+from optax_momclip._combined import clipped_momentum as clipped_momentum
+from optax_momclip._combined import normalized_momentum as normalized_momentum
 from optax_momclip._metrics import metrics as metrics
 from optax_momclip._metrics import with_value_checks as with_value_checks
 from optax_momclip._momentum import AggmoState as AggmoState
@@ -26,18 +30,22 @@ __all__ = [
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "ClippedMomentumState",
   "EmaMomentumState",
   "HeavyBallState",
+  "NormalizedMomentumState",
   "QhmState",
   "aggmo",
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
+  "clipped_momentum",
   "demon",
   "ema_momentum",
   "global_norm",
   "heavy_ball",
   "metrics",
+  "normalized_momentum",
   "qhm",
   "with_value_checks",
 ]

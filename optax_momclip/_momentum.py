@@ -81,6 +81,17 @@ def ema_leaf(g: jax.Array, m: jax.Array, decay: jax.Array, weight: jax.Array) ->
   return weight.astype(dtype) * g.astype(dtype) + decay.astype(dtype) * m.astype(dtype)
 
 
+def cast_like(tree: Any, like: Any) -> Any:
+  """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def ema_tree(updates: Any, buffer: Any, decay: ScheduleOrScalar, count: jax.Array) -> Any:
+  """The new moving average ``decay·m + (1 - decay)·g`` of every leaf, unrounded."""
+  beta, weight = hyperparam(decay, count), complement(decay, count)
+  return jax.tree.map(lambda g, m: ema_leaf(g, m, beta, weight), updates, buffer)
+
+
 def check_nesterov(fn: str, nesterov: Any, momentum: Any, dampening: Any) -> None:
   """Rejects what ``torch.optim.SGD`` rejects: Nesterov without momentum or with dampening."""
   if not isinstance(nesterov, bool | np.bool_):
@@ -187,16 +198,12 @@ def heavy_ball(
       state.momentum_buffer,
     )
     out, buf = unzip(updates, pairs)
-    return _cast_like(out, updates), HeavyBallState(
+    return cast_like(out, updates), HeavyBallState(
       count=optax.safe_increment(state.count),
-      momentum_buffer=_cast_like(buf, state.momentum_buffer),
+      momentum_buffer=cast_like(buf, state.momentum_buffer),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def _cast_like(tree: Any, like: Any) -> Any:
-  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
 
 
 class EmaMomentumState(NamedTuple):
@@ -269,18 +276,17 @@ def ema_momentum(
   ) -> tuple[Any, EmaMomentumState]:
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
-    beta, weight = hyperparam(decay, state.count), complement(decay, state.count)
-    new = jax.tree.map(lambda g, m: ema_leaf(g, m, beta, weight), updates, state.momentum_buffer)
-    product = state.decay_product * beta
+    new = ema_tree(updates, state.momentum_buffer, decay, state.count)
+    product = state.decay_product * hyperparam(decay, state.count)
     out = new
     if debias:
       correction = 1 - product
       # beta == 1 keeps m at zero; dividing by 1 then avoids 0/0.
       safe = jnp.where(correction > 0, correction, 1.0)
       out = jax.tree.map(lambda m: m / safe.astype(m.dtype), new)
-    return _cast_like(out, updates), EmaMomentumState(
+    return cast_like(out, updates), EmaMomentumState(
       count=optax.safe_increment(state.count),
-      momentum_buffer=_cast_like(new, state.momentum_buffer),
+      momentum_buffer=cast_like(new, state.momentum_buffer),
       decay_product=product,
     )
 

@@ -71,6 +71,19 @@ CASES: list[Case] = [
   Case("qhm", lambda: omc.qhm(0.9, 0.7), omc.qhm, {"momentum": 0.9, "nu": 0.7}),
   # Powers of two: exact products, so XLA's FMA contraction under jit cannot differ from eager.
   Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}),
+  Case(
+    "clipped_momentum",
+    lambda: omc.clipped_momentum(1.0, 0.5, nu=0.75),
+    omc.clipped_momentum,
+    {"max_norm": 1.0, "momentum": 0.5, "nu": 0.75},
+    static_args=("ord",),
+  ),
+  Case(
+    "normalized_momentum",
+    lambda: omc.normalized_momentum(0.5),
+    omc.normalized_momentum,
+    {"momentum": 0.5, "eps": 1e-8},
+  ),
   # Later issues append their transformations here.
 ]
 
