@@ -1,5 +1,7 @@
 """Exact, fast gradient clipping and momentum as optax GradientTransformations."""
 
+from optax_momclip._aliases import MomclipSgdState as MomclipSgdState
+from optax_momclip._aliases import momclip_sgd as momclip_sgd
 from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from optax_momclip._clipping import ClipByNormState as ClipByNormState
 from optax_momclip._clipping import ClipByValueState as ClipByValueState
@@ -33,6 +35,7 @@ __all__ = [
   "ClippedMomentumState",
   "EmaMomentumState",
   "HeavyBallState",
+  "MomclipSgdState",
   "NormalizedMomentumState",
   "QhmState",
   "aggmo",
@@ -45,6 +48,7 @@ __all__ = [
   "global_norm",
   "heavy_ball",
   "metrics",
+  "momclip_sgd",
   "normalized_momentum",
   "qhm",
   "with_value_checks",

@@ -84,6 +84,22 @@ CASES: list[Case] = [
     omc.normalized_momentum,
     {"momentum": 0.5, "eps": 1e-8},
   ),
+  # Powers of two again: with 0.9 and 1e-2 a scanned step and a looped one
+  # contract different products into FMAs and differ by an ulp on cancelling sums.
+  Case(
+    "momclip_sgd",
+    lambda: omc.momclip_sgd(
+      optax.linear_schedule(0.1, 0.01, 10),
+      0.5,
+      max_norm=1.0,
+      clip_value=0.5,
+      dampening=0.5,
+      weight_decay=2**-6,
+    ),
+    omc.momclip_sgd,
+    {"learning_rate": 0.1, "momentum": 0.5, "max_norm": 1.0, "weight_decay": 2**-6},
+    needs_params=True,
+  ),
   # Later issues append their transformations here.
 ]
 
