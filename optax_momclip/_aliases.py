@@ -42,7 +42,7 @@ class MomclipSgdState(NamedTuple):
     steps_clipped: steps whose ``clip_scale`` was below 1 (saturating). i32[].
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
   grad_norm: jax.Array  # f32[]
   clip_scale: jax.Array  # f32[]

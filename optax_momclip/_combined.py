@@ -29,7 +29,7 @@ class ClippedMomentumState(NamedTuple):
       when ``ν > 0``, of ``g`` when ``ν < 1``) rescaled (saturating). i32[].
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
   grad_norm: jax.Array  # f32[]
   momentum_norm: jax.Array  # f32[]
@@ -148,7 +148,7 @@ class NormalizedMomentumState(NamedTuple):
     momentum_norm: ``‖m‖`` of the new average, before normalizing. f32[].
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
   momentum_norm: jax.Array  # f32[]
 

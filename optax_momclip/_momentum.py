@@ -117,7 +117,7 @@ class HeavyBallState(NamedTuple):
       ``accumulator_dtype`` (default: each param's dtype).
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
 
 
@@ -218,7 +218,7 @@ class EmaMomentumState(NamedTuple):
       exactly even when ``β`` follows a schedule. f32[].
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
   decay_product: jax.Array  # f32[]
 
@@ -302,7 +302,7 @@ class QhmState(NamedTuple):
       ``accumulator_dtype`` (default: each param's dtype).
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
 
 
@@ -383,7 +383,7 @@ class AggmoState(NamedTuple):
       ``accumulator_dtype`` (default: each param's dtype).
   """
 
-  count: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree of (K, *param.shape), accumulator_dtype
 
 
