@@ -228,7 +228,9 @@ def clip_by_norm(
     updates: Any, state: ClipByNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByNormState]:
     del params, extra_args
-    _validation.check_tree_matches(fn, updates, state.grad_norm, shapes=False)
+    _validation.check_tree_matches(
+      fn, updates, state.grad_norm, shape_of=lambda shape: _kept_shape(shape, axis)
+    )
     hi, lo = jnp.asarray(max_norm, _F32), jnp.asarray(min_norm, _F32)
     grad_norm = norms(updates, like=False)
     scales = jax.tree.map(
@@ -368,6 +370,6 @@ def clip_by_global_norm(
 
 
 _CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")
-_metrics.register(ClipByValueState, "clip_by_value", _CLIP_STATS)
+_metrics.register(ClipByValueState, "clip_by_value", ClipByValueState._fields)
 _metrics.register(ClipByNormState, "clip_by_norm", _CLIP_STATS)
 _metrics.register(ClipByGlobalNormState, "clip_by_global_norm", _CLIP_STATS)

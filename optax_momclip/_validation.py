@@ -154,8 +154,17 @@ def _paths(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(path) for path, _ in leaves]
 
 
-def check_tree_matches(fn: str, updates: Any, state_tree: Any, *, shapes: bool = True) -> None:
-  """Asserts at trace time that ``updates`` has the structure (and shapes) of the state.
+def check_tree_matches(
+  fn: str,
+  updates: Any,
+  state_tree: Any,
+  *,
+  shape_of: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda shape: shape,
+) -> None:
+  """Asserts at trace time that ``updates`` has the structure and shapes of the state.
+
+  ``shape_of`` maps an update leaf's shape to the shape its state leaf must
+  have (the identity for momentum buffers, the reduced shape for norms).
 
   Raises:
     AssertionError: through chex, naming ``fn`` and the first mismatching path.
@@ -170,20 +179,20 @@ def check_tree_matches(fn: str, updates: Any, state_tree: Any, *, shapes: bool =
     )
     chex.assert_trees_all_equal_structs(updates, state_tree, custom_message=detail)
     raise AssertionError(detail)  # same leaves in another container type
-  if not shapes:
-    return
   pairs = zip(
     jax.tree_util.tree_flatten_with_path(updates)[0],
     jax.tree.leaves(state_tree),
     strict=True,
   )
   for (path, u), s in pairs:
-    if tuple(u.shape) != tuple(s.shape):
-      chex.assert_equal_shape(
-        [u, s],
+    want = tuple(shape_of(tuple(u.shape)))
+    if want != tuple(s.shape):
+      chex.assert_shape(
+        s,
+        want,
         custom_message=(
-          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} != "
-          f"state shape {tuple(s.shape)}"
+          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} does not "
+          f"match the state's {tuple(s.shape)}"
         ),
       )
 
