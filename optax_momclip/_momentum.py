@@ -439,7 +439,9 @@ def aggmo(
     updates: Any, state: AggmoState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, AggmoState]:
     del params, extra_args
-    _validation.check_tree_matches(fn, updates, state.momentum_buffer, shapes=False)
+    _validation.check_tree_matches(
+      fn, updates, state.momentum_buffer, shape_of=lambda shape: (k, *shape)
+    )
     beta = jnp.stack([jnp.asarray(b, _F32) for b in betas])
 
     def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
