@@ -9,6 +9,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _ORDS = (1, 2, math.inf)
@@ -153,7 +154,7 @@ def check_dtype(fn: str, name: str, dtype: Any) -> None:
   if dtype is None:
     return
   try:
-    ok = np.issubdtype(np.dtype(dtype), np.floating)
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)  # np.floating misses bfloat16
   except TypeError:
     ok = False
   if not ok:
