@@ -52,17 +52,25 @@ def _subkey(path: tuple[Any, ...]) -> str:
 
 
 def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
-  """Each registered state in ``opt_state`` with its unique name, in tree order."""
-  nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_stats_node)[0]
+  """Each registered state in ``opt_state`` with its unique name, in tree order.
+
+  The fields of a registered state that are not statistics (a wrapper's
+  ``inner_state``) are searched too, after the state itself.
+  """
   seen: dict[str, int] = {}
   out = []
-  for _, node in nodes:
-    if not _is_stats_node(node):
-      continue
-    prefix = _REGISTRY[type(node)].prefix
-    n = seen.get(prefix, 0)
-    seen[prefix] = n + 1
-    out.append((prefix if n == 0 else f"{prefix}_{n}", node))
+
+  def visit(tree: Any) -> None:
+    for node in jax.tree.leaves(tree, is_leaf=_is_stats_node):
+      if not _is_stats_node(node):
+        continue
+      spec = _REGISTRY[type(node)]
+      n = seen.get(spec.prefix, 0)
+      seen[spec.prefix] = n + 1
+      out.append((spec.prefix if n == 0 else f"{spec.prefix}_{n}", node))
+      visit([getattr(node, f) for f in getattr(node, "_fields", ()) if f not in spec.fields])
+
+  visit(opt_state)
   return out
 
 

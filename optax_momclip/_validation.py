@@ -9,6 +9,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _ORDS = (1, 2, math.inf)
@@ -136,12 +137,24 @@ def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> None:
     raise ValueError(f"{fn}: {name} must be >= {low}, got {value!r}")
 
 
+def check_count(fn: str, name: str, value: Any) -> None:
+  """Checks a count >= 1 that does not fix a shape, so it may be a 0-d array.
+
+  ``optax.inject_hyperparams`` turns integer arguments into arrays; those are
+  range-checked when concrete, Python values must be ints.
+  """
+  if hasattr(value, "shape"):
+    check_scalar(fn, name, value, low=1.0)
+  else:
+    check_positive_int(fn, name, value)
+
+
 def check_dtype(fn: str, name: str, dtype: Any) -> None:
   """Checks an optional floating dtype argument such as ``accumulator_dtype``."""
   if dtype is None:
     return
   try:
-    ok = np.issubdtype(np.dtype(dtype), np.floating)
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)  # np.floating misses bfloat16
   except TypeError:
     ok = False
   if not ok:
