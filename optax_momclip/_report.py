@@ -204,7 +204,7 @@ def _plot_temporal(res: dict[str, Any], path: Path) -> Path:
 
 def _plot_sweep(res: dict[str, Any], path: Path) -> Path:
   plt = _pyplot()
-  fig, ax = plt.subplots(figsize=(8, 5))
+  fig, ax = plt.subplots(figsize=(11, 5))
   for arm, color in zip(res["arms"], _colors(len(res["arms"])), strict=True):
     lrs = [r["lr"] for r in arm["runs"]]
     accs = np.array([r["final_accuracy"] for r in arm["runs"]])
@@ -218,7 +218,7 @@ def _plot_sweep(res: dict[str, Any], path: Path) -> Path:
     ylim=(0, 1.02),
     title=res["title"] + "\n(median over seeds, band: min-max)",
   )
-  ax.legend(fontsize=8)
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)
