@@ -168,3 +168,21 @@ def test_with_value_checks_keeps_the_state_and_extra_args():
   u, s = tx.update(G, tx.init(G), None, loss=1.0)
   u2, s2 = inner.update(G, inner.init(G))
   chex.assert_trees_all_equal((u, s), (u2, s2))
+
+
+def test_with_value_checks_accepts_a_skipped_nan_step_but_not_a_corrupted_state():
+  tx = omc.with_value_checks(omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9)))
+  params = {"w": jnp.array([1.0, 2.0])}
+  state = tx.init(params)
+  u, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)  # skipped: fine
+  assert bool(state.last_step_skipped) and np.isnan(state.checked_norm)
+  chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+  unguarded = omc.with_value_checks(optax.sgd(0.1, momentum=0.9))
+  with pytest.raises(AssertionError, match="non-finite"):
+    unguarded.update({"w": jnp.array([jnp.nan, 1.0])}, unguarded.init(params), params)
+  corrupt = state._replace(inner_state=jax.tree.map(lambda x: x * jnp.nan, state.inner_state))
+  bad_inner = omc.with_value_checks(
+    omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9), skip_nonfinite=False)
+  )
+  with pytest.raises(AssertionError, match="non-finite"):
+    bad_inner.update({"w": jnp.array([1.0, 1.0])}, corrupt, params)
