@@ -146,7 +146,7 @@ class TorchRunner:
   """``clip_grad_norm_(foreach=True)`` then ``SGD(momentum, foreach=True).step()``."""
 
   def __init__(self, params: Any, grads: Any, threads: int):
-    import torch  # noqa: PLC0415 - torch is optional, never a library dependency
+    import torch  # optional: never a library dependency
 
     torch.set_num_threads(threads)
     self.torch = torch
@@ -168,7 +168,7 @@ class TorchRunner:
 
 def torch_available() -> bool:
   try:
-    import torch  # noqa: F401, PLC0415
+    import torch  # noqa: F401
   except ImportError:
     return False
   return True
@@ -433,7 +433,7 @@ def machine_info(threads: int) -> dict[str, Any]:
     pass
   torch_version = None
   if torch_available():
-    import torch  # noqa: PLC0415
+    import torch
 
     torch_version = torch.__version__
   dev = jax.devices()[0]
