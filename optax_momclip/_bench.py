@@ -98,7 +98,7 @@ def make_tree(n: int, dtype: Any, seed: int) -> list[jax.Array]:
   return [jax.random.normal(k, (rows, 256), jnp.float32).astype(dtype) for k in keys]
 
 
-def jit_step(tx: optax.GradientTransformation) -> Callable[..., Any]:
+def jit_step(tx: optax.GradientTransformation) -> Any:
   """One optimizer step ``(params, state, grads) -> (params, state)``, params and state donated."""
 
   def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
