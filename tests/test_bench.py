@@ -98,3 +98,17 @@ def test_torch_runner_matches_ours():
   for a, b in zip(jax.tree.leaves(p), runner.params, strict=True):
     np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=1e-5, atol=1e-6)
   assert omc.global_norm(grads) > 10 * _bench.MAX_NORM  # the clip is active in the bench
+
+
+def test_global_norm_hlo_grows_linearly_with_leaves():
+  """Compile time of row (f): no kernel of the compiled norm takes every leaf's scalar as input.
+
+  Scaling each leaf of the overflow rescue by the global maximum made XLA copy the cross-leaf
+  max into every leaf's kernel, so the HLO (and compile time) grew with the square of the leaf
+  count: 1000 leaves took minutes to compile.
+  """
+  sizes = {}
+  for leaves in (50, 100):
+    hlo = jax.jit(omc.global_norm).lower(_bench.compile_tree(leaves)).compile().as_text()
+    sizes[leaves] = hlo.count("parameter(")
+  assert sizes[100] < 2.5 * sizes[50], sizes
