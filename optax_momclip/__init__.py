@@ -1,25 +1,71 @@
 """Exact, fast gradient clipping and momentum as optax GradientTransformations."""
 
+from optax_momclip._adaptive import AutoClipState as AutoClipState
+from optax_momclip._adaptive import ZClipState as ZClipState
+from optax_momclip._adaptive import autoclip as autoclip
+from optax_momclip._adaptive import zclip as zclip
+from optax_momclip._agc import AdaptiveGradClipState as AdaptiveGradClipState
+from optax_momclip._agc import adaptive_grad_clip as adaptive_grad_clip
+from optax_momclip._aliases import MomclipSgdState as MomclipSgdState
+from optax_momclip._aliases import momclip_sgd as momclip_sgd
 from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from optax_momclip._clipping import ClipByNormState as ClipByNormState
 from optax_momclip._clipping import ClipByValueState as ClipByValueState
 from optax_momclip._clipping import clip_by_global_norm as clip_by_global_norm
 from optax_momclip._clipping import clip_by_norm as clip_by_norm
 from optax_momclip._clipping import clip_by_value as clip_by_value
+from optax_momclip._combined import ClippedMomentumState as ClippedMomentumState
+from optax_momclip._combined import NormalizedMomentumState as NormalizedMomentumState
+from optax_momclip._combined import clipped_momentum as clipped_momentum
+from optax_momclip._combined import normalized_momentum as normalized_momentum
+from optax_momclip._guards import SkipBadStepsState as SkipBadStepsState
+from optax_momclip._guards import skip_bad_steps as skip_bad_steps
 from optax_momclip._metrics import metrics as metrics
 from optax_momclip._metrics import with_value_checks as with_value_checks
+from optax_momclip._momentum import AggmoState as AggmoState
+from optax_momclip._momentum import EmaMomentumState as EmaMomentumState
+from optax_momclip._momentum import HeavyBallState as HeavyBallState
+from optax_momclip._momentum import QhmState as QhmState
+from optax_momclip._momentum import aggmo as aggmo
+from optax_momclip._momentum import demon as demon
+from optax_momclip._momentum import ema_momentum as ema_momentum
+from optax_momclip._momentum import heavy_ball as heavy_ball
+from optax_momclip._momentum import qhm as qhm
 from optax_momclip._norms import global_norm as global_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
+  "AdaptiveGradClipState",
+  "AggmoState",
+  "AutoClipState",
   "ClipByGlobalNormState",
   "ClipByNormState",
   "ClipByValueState",
+  "ClippedMomentumState",
+  "EmaMomentumState",
+  "HeavyBallState",
+  "MomclipSgdState",
+  "NormalizedMomentumState",
+  "QhmState",
+  "SkipBadStepsState",
+  "ZClipState",
+  "adaptive_grad_clip",
+  "aggmo",
+  "autoclip",
   "clip_by_global_norm",
   "clip_by_norm",
   "clip_by_value",
+  "clipped_momentum",
+  "demon",
+  "ema_momentum",
   "global_norm",
+  "heavy_ball",
   "metrics",
+  "momclip_sgd",
+  "normalized_momentum",
+  "qhm",
+  "skip_bad_steps",
   "with_value_checks",
+  "zclip",
 ]

@@ -130,7 +130,7 @@ def clip_by_value(
       grad_norm=_norms.global_norm(updates, ord=jnp.inf).astype(_F32),
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=_count_if(state.steps_clipped, clipped),
+      steps_clipped=count_if(state.steps_clipped, clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -142,7 +142,17 @@ def tree_any(tree: Any) -> jax.Array:
   return jnp.any(jnp.stack(leaves)) if leaves else jnp.array(False)
 
 
-def _count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
+def clip_stats_init() -> dict[str, jax.Array]:
+  """Initial values of the statistics every global clip keeps (but ``clip_threshold``)."""
+  return {
+    "grad_norm": jnp.zeros([], _F32),
+    "clip_scale": jnp.ones([], _F32),
+    "steps_seen": jnp.zeros([], jnp.int32),
+    "steps_clipped": jnp.zeros([], jnp.int32),
+  }
+
+
+def count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
   return jnp.where(cond, optax.safe_increment(counter), counter)
 
 
@@ -228,7 +238,9 @@ def clip_by_norm(
     updates: Any, state: ClipByNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByNormState]:
     del params, extra_args
-    _validation.check_tree_matches(fn, updates, state.grad_norm, shapes=False)
+    _validation.check_tree_matches(
+      fn, updates, state.grad_norm, shape_of=lambda shape: _kept_shape(shape, axis)
+    )
     hi, lo = jnp.asarray(max_norm, _F32), jnp.asarray(min_norm, _F32)
     grad_norm = norms(updates, like=False)
     scales = jax.tree.map(
@@ -241,7 +253,7 @@ def clip_by_norm(
       clip_scale=scales,
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=_count_if(state.steps_clipped, clipped),
+      steps_clipped=count_if(state.steps_clipped, clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -361,13 +373,13 @@ def clip_by_global_norm(
       clip_scale=scale,
       clip_threshold=threshold,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=_count_if(state.steps_clipped, scale != 1.0),
+      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
 
-_CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")
-_metrics.register(ClipByValueState, "clip_by_value", _CLIP_STATS)
-_metrics.register(ClipByNormState, "clip_by_norm", _CLIP_STATS)
-_metrics.register(ClipByGlobalNormState, "clip_by_global_norm", _CLIP_STATS)
+CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")
+_metrics.register(ClipByValueState, "clip_by_value", ClipByValueState._fields)
+_metrics.register(ClipByNormState, "clip_by_norm", CLIP_STATS)
+_metrics.register(ClipByGlobalNormState, "clip_by_global_norm", CLIP_STATS)

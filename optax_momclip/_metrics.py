@@ -52,17 +52,25 @@ def _subkey(path: tuple[Any, ...]) -> str:
 
 
 def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
-  """Each registered state in ``opt_state`` with its unique name, in tree order."""
-  nodes = jax.tree_util.tree_flatten_with_path(opt_state, is_leaf=_is_stats_node)[0]
+  """Each registered state in ``opt_state`` with its unique name, in tree order.
+
+  The fields of a registered state that are not statistics (a wrapper's
+  ``inner_state``) are searched too, after the state itself.
+  """
   seen: dict[str, int] = {}
   out = []
-  for _, node in nodes:
-    if not _is_stats_node(node):
-      continue
-    prefix = _REGISTRY[type(node)].prefix
-    n = seen.get(prefix, 0)
-    seen[prefix] = n + 1
-    out.append((prefix if n == 0 else f"{prefix}_{n}", node))
+
+  def visit(tree: Any) -> None:
+    for node in jax.tree.leaves(tree, is_leaf=_is_stats_node):
+      if not _is_stats_node(node):
+        continue
+      spec = _REGISTRY[type(node)]
+      n = seen.get(spec.prefix, 0)
+      seen[spec.prefix] = n + 1
+      out.append((spec.prefix if n == 0 else f"{spec.prefix}_{n}", node))
+      visit([getattr(node, f) for f in getattr(node, "_fields", ()) if f not in spec.fields])
+
+  visit(opt_state)
   return out
 
 
@@ -123,6 +131,24 @@ def _check(assertion: Callable[[], None]) -> None:
       raise
 
 
+# Statistics that record the incoming updates: NaN there is a fact about the input
+# (say, a step skip_bad_steps skipped), not a corrupted optimizer state.
+_INPUT_NORMS = ("grad_norm", "checked_norm")
+
+
+def _state_proper(tree: Any) -> Any:
+  """``tree`` without the input-norm fields of this library's states (at any depth)."""
+
+  def strip(node: Any) -> Any:
+    if not _is_stats_node(node):
+      return node
+    return node._replace(
+      **{f: None if f in _INPUT_NORMS else _state_proper(getattr(node, f)) for f in node._fields}
+    )
+
+  return jax.tree.map(strip, tree, is_leaf=_is_stats_node)
+
+
 def _float_leaves(tree: Any) -> list[jax.Array]:
   return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(jnp.asarray(x).dtype, jnp.floating)]
 
@@ -132,6 +158,9 @@ def with_value_checks(
 ) -> optax.GradientTransformationExtraArgs:
   """Adds chex value assertions to ``tx.update``: finite updates and state, norms >= 0.
 
+  The recorded norms of the incoming updates (``grad_norm``,
+  ``checked_norm``) may be NaN, since a NaN input that `skip_bad_steps`
+  skipped is not an error; everything else in the state must be finite.
   Inside a step wrapped in ``chex.chexify`` (or run eagerly) a violation raises
   an ``AssertionError`` naming the check; in a plain ``jit`` the checks are
   skipped and cost nothing.
@@ -164,10 +193,15 @@ def with_value_checks(
     )
     _check(
       lambda: chex.assert_tree_all_finite(
-        _float_leaves(new_state), custom_message="with_value_checks: non-finite state"
+        _float_leaves(_state_proper(new_state)),
+        custom_message="with_value_checks: non-finite state",
       )
     )
-    norms = {k: v >= 0 for k, v in metrics(new_state).items() if "/grad_norm" in k}
+    norms = {
+      k: ~(v < 0)  # NaN passes: see above
+      for k, v in metrics(new_state).items()
+      if any(f"/{f}" in k for f in _INPUT_NORMS)
+    }
     if norms:
       _check(
         lambda: chex.assert_trees_all_equal(

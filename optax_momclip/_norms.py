@@ -42,14 +42,14 @@ def _rescued_l2(sumsq: jax.Array, count: int, scaled_sumsq: Any, axis_name: Axis
   """``sqrt(sumsq)``, recomputed by ``scaled_sumsq`` where it over- or underflowed.
 
   The common path reads every element once. When a sum of squares overflows,
-  or is non-zero but small enough to have lost terms to flush-to-zero, a
+  or is small enough to have lost terms to flush-to-zero (zero included), a
   `lax.cond` recomputes it scaled by the largest magnitude (as LAPACK's nrm2
   does), so huge and tiny norms come out exact instead of inf or 0.
   ``scaled_sumsq()`` returns ``(max|x|, sum((x / max|x|)^2))`` in the shape of
   ``sumsq``.
   """
   threshold = _lost_to_underflow(sumsq.dtype, count, axis_name)
-  needs_rescue = jnp.any(~jnp.isfinite(sumsq) | ((sumsq > 0) & (sumsq < threshold)))
+  needs_rescue = jnp.any(~jnp.isfinite(sumsq) | (sumsq < threshold))
 
   def rescue(_: None) -> jax.Array:
     big, ss = scaled_sumsq()

@@ -9,6 +9,7 @@ from typing import Any
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 _ORDS = (1, 2, math.inf)
@@ -136,12 +137,24 @@ def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> None:
     raise ValueError(f"{fn}: {name} must be >= {low}, got {value!r}")
 
 
+def check_count(fn: str, name: str, value: Any) -> None:
+  """Checks a count >= 1 that does not fix a shape, so it may be a 0-d array.
+
+  ``optax.inject_hyperparams`` turns integer arguments into arrays; those are
+  range-checked when concrete, Python values must be ints.
+  """
+  if hasattr(value, "shape"):
+    check_scalar(fn, name, value, low=1.0)
+  else:
+    check_positive_int(fn, name, value)
+
+
 def check_dtype(fn: str, name: str, dtype: Any) -> None:
   """Checks an optional floating dtype argument such as ``accumulator_dtype``."""
   if dtype is None:
     return
   try:
-    ok = np.issubdtype(np.dtype(dtype), np.floating)
+    ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)  # np.floating misses bfloat16
   except TypeError:
     ok = False
   if not ok:
@@ -153,8 +166,17 @@ def _paths(tree: Any) -> list[str]:
   return [jax.tree_util.keystr(path) for path, _ in leaves]
 
 
-def check_tree_matches(fn: str, updates: Any, state_tree: Any, *, shapes: bool = True) -> None:
-  """Asserts at trace time that ``updates`` has the structure (and shapes) of the state.
+def check_tree_matches(
+  fn: str,
+  updates: Any,
+  state_tree: Any,
+  *,
+  shape_of: Callable[[tuple[int, ...]], tuple[int, ...]] = lambda shape: shape,
+) -> None:
+  """Asserts at trace time that ``updates`` has the structure and shapes of the state.
+
+  ``shape_of`` maps an update leaf's shape to the shape its state leaf must
+  have (the identity for momentum buffers, the reduced shape for norms).
 
   Raises:
     AssertionError: through chex, naming ``fn`` and the first mismatching path.
@@ -169,20 +191,20 @@ def check_tree_matches(fn: str, updates: Any, state_tree: Any, *, shapes: bool =
     )
     chex.assert_trees_all_equal_structs(updates, state_tree, custom_message=detail)
     raise AssertionError(detail)  # same leaves in another container type
-  if not shapes:
-    return
   pairs = zip(
     jax.tree_util.tree_flatten_with_path(updates)[0],
     jax.tree.leaves(state_tree),
     strict=True,
   )
   for (path, u), s in pairs:
-    if tuple(u.shape) != tuple(s.shape):
-      chex.assert_equal_shape(
-        [u, s],
+    want = tuple(shape_of(tuple(u.shape)))
+    if want != tuple(s.shape):
+      chex.assert_shape(
+        s,
+        want,
         custom_message=(
-          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} != "
-          f"state shape {tuple(s.shape)}"
+          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} does not "
+          f"match the state's {tuple(s.shape)}"
         ),
       )
 

@@ -56,6 +56,89 @@ CASES: list[Case] = [
     {"max_norm": 1.0, "min_norm": 0.1},
     static_args=("ord",),
   ),
+  Case(
+    "adaptive_grad_clip",
+    lambda: omc.adaptive_grad_clip(0.1),
+    omc.adaptive_grad_clip,
+    {"clipping": 0.1, "eps": 1e-3},
+    needs_params=True,
+  ),
+  Case(
+    "autoclip",
+    lambda: omc.autoclip(10.0, window=4),
+    omc.autoclip,
+    {"percentile": 10.0, "window": 4},
+    static_args=("window", "ord"),
+  ),
+  Case(
+    "zclip",
+    lambda: omc.zclip(1.0, warmup_steps=1),
+    omc.zclip,
+    {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 1},
+  ),
+  Case(
+    "skip_bad_steps",
+    lambda: omc.skip_bad_steps(
+      omc.clip_by_global_norm(1.0),
+      max_norm=10.0,
+      spike_zscore=2.0,
+      warmup_steps=1,
+      max_consecutive_skips=2,
+    ),
+    omc.skip_bad_steps,
+    {
+      "inner": omc.clip_by_global_norm(1.0),
+      "max_norm": 10.0,
+      "spike_zscore": 2.0,
+      "alpha": 0.9,
+      "warmup_steps": 1,
+      "max_consecutive_skips": 2,
+    },
+  ),
+  Case(
+    "heavy_ball",
+    lambda: omc.heavy_ball(omc.demon(0.9, total_steps=10), dampening=0.1),
+    omc.heavy_ball,
+    {"momentum": 0.9, "dampening": 0.1},
+  ),
+  Case(
+    "ema_momentum",
+    lambda: omc.ema_momentum(0.8, debias=True),
+    omc.ema_momentum,
+    {"decay": 0.8},
+  ),
+  Case("qhm", lambda: omc.qhm(0.9, 0.7), omc.qhm, {"momentum": 0.9, "nu": 0.7}),
+  # Powers of two: exact products, so XLA's FMA contraction under jit cannot differ from eager.
+  Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}),
+  Case(
+    "clipped_momentum",
+    lambda: omc.clipped_momentum(1.0, 0.5, nu=0.75),
+    omc.clipped_momentum,
+    {"max_norm": 1.0, "momentum": 0.5, "nu": 0.75},
+    static_args=("ord",),
+  ),
+  Case(
+    "normalized_momentum",
+    lambda: omc.normalized_momentum(0.5),
+    omc.normalized_momentum,
+    {"momentum": 0.5, "eps": 1e-8},
+  ),
+  # Powers of two again: with 0.9 and 1e-2 a scanned step and a looped one
+  # contract different products into FMAs and differ by an ulp on cancelling sums.
+  Case(
+    "momclip_sgd",
+    lambda: omc.momclip_sgd(
+      optax.linear_schedule(0.1, 0.01, 10),
+      0.5,
+      max_norm=1.0,
+      clip_value=0.5,
+      dampening=0.5,
+      weight_decay=2**-6,
+    ),
+    omc.momclip_sgd,
+    {"learning_rate": 0.1, "momentum": 0.5, "max_norm": 1.0, "weight_decay": 2**-6},
+    needs_params=True,
+  ),
   # Later issues append their transformations here.
 ]
 

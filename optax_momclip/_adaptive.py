@@ -1,0 +1,324 @@
+"""Adaptive global-norm thresholds: AutoClip (a percentile of past norms) and ZClip (z-scores)."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_momclip import _metrics, _norms, _validation
+from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if, range_scale, scale_tree
+
+_F32 = jnp.float32
+# A clip_threshold reported while no threshold applies (warm-up without a cap).
+_NO_LIMIT = float(jnp.finfo(_F32).max)
+# ZClip's eps in the z-score denominator (reference implementation).
+_Z_EPS = 1e-6
+
+
+class AutoClipState(NamedTuple):
+  """State of `autoclip`.
+
+  Attributes:
+    grad_norm: the global norm of the incoming updates, before clipping. f32[].
+    clip_scale: the factor the updates were multiplied by. f32[].
+    clip_threshold: the percentile of the window used as threshold this step
+      (float32's largest value before any finite norm was seen). f32[].
+    steps_seen: updates processed (saturating). i32[].
+    steps_clipped: updates that were rescaled. i32[].
+    norm_history: ring buffer of the last ``window`` finite norms; slots
+      ``[0, history_size)`` are filled. f32[window].
+    history_size: finite norms held, at most ``window``. i32[].
+    history_index: the slot the next finite norm is written to. i32[].
+  """
+
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+  norm_history: jax.Array  # f32[window]
+  history_size: jax.Array  # i32[]
+  history_index: jax.Array  # i32[]
+
+
+def _percentile(history: jax.Array, size: jax.Array, percentile: jax.Array) -> jax.Array:
+  """``np.percentile(history[:size], percentile)`` (linear interpolation), for size >= 1."""
+  filled = jnp.arange(history.shape[0]) < size
+  ordered = jnp.sort(jnp.where(filled, history, jnp.inf))
+  pos = percentile / 100.0 * (jnp.maximum(size, 1) - 1).astype(_F32)
+  lo = jnp.floor(pos).astype(jnp.int32)
+  hi = jnp.minimum(lo + 1, jnp.maximum(size, 1) - 1)
+  frac = pos - lo.astype(_F32)
+  a, b = ordered[lo], ordered[hi]
+  # NumPy's two-sided lerp, exact at both ends.
+  return jnp.where(frac >= 0.5, b - (b - a) * (1.0 - frac), a + (b - a) * frac)
+
+
+def autoclip(
+  percentile: float | jax.Array = 10.0,
+  *,
+  window: int = 1000,
+  ord: float = 2,
+  axis_name: str | tuple[str, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AutoClip: clips the global norm to a percentile of the recent norm history.
+
+  .. math:: h \leftarrow h \cup \{\|g\|\}, \quad c = P_p(h), \quad
+     g \leftarrow g \cdot \min(1, c / \|g\|)
+
+  The history ``h`` holds the last ``window`` global norms in a fixed-size
+  ring buffer, the current one included, so the threshold is computed on
+  device without a host sync; ``P_p`` is the percentile with linear
+  interpolation (``np.percentile``'s default). ``percentile=100`` never clips.
+  A non-finite norm is not recorded (it would poison the window) and its
+  update passes unscaled, so a guard such as `skip_bad_steps` still sees it.
+
+  This is the paper's rule (whole-model norm, current norm included, p=10);
+  the ``autoclip`` pip package differs (per-parameter, quantile 0.9, current
+  norm excluded). The paper keeps the whole history; a window keeps the state
+  bounded and lets the threshold follow the norm's drift.
+
+  Args:
+    percentile: p in ``[0, 100]``. Default 10.
+    window: the number of recent norms kept, >= 1 (a shape: a static
+      argument for ``optax.inject_hyperparams``). Default 1000.
+    ord: 1, 2 (default) or ``inf``.
+    axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
+      over; the norm is then the global one across it. Default None.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an `AutoClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.autoclip(50.0, window=3)
+    >>> state = tx.init({"w": jnp.zeros(2)})
+    >>> for scale in [1.0, 2.0, 30.0]:
+    ...   u, state = tx.update({"w": jnp.array([0.6, 0.8]) * scale}, state)
+    >>> print(state.clip_threshold, round(float(omc.global_norm(u)), 4))
+    2.0 2.0
+
+  References:
+    Seetharaman, Wichern, Pardo, Le Roux, *AutoClip: Adaptive Gradient
+    Clipping for Source Separation Networks*, 2020, https://arxiv.org/abs/2007.14469
+  """
+  fn = "autoclip"
+  _validation.check_scalar(fn, "percentile", percentile, low=0.0, high=100.0)
+  _validation.check_positive_int(fn, "window", window)
+  _validation.check_ord(fn, ord)
+  _validation.check_axis_name(fn, axis_name)
+
+  def init_fn(params: Any) -> AutoClipState:
+    del params
+    return AutoClipState(
+      clip_threshold=jnp.asarray(_NO_LIMIT, _F32),
+      norm_history=jnp.zeros([window], _F32),
+      history_size=jnp.zeros([], jnp.int32),
+      history_index=jnp.zeros([], jnp.int32),
+      **clip_stats_init(),
+    )
+
+  def update_fn(
+    updates: Any, state: AutoClipState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, AutoClipState]:
+    del params, extra_args
+    norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
+    finite = jnp.isfinite(norm)
+    history = jnp.where(
+      finite, state.norm_history.at[state.history_index].set(norm), state.norm_history
+    )
+    size = jnp.where(finite, jnp.minimum(state.history_size + 1, window), state.history_size)
+    index = jnp.where(finite, (state.history_index + 1) % window, state.history_index)
+    threshold = _percentile(history, size, jnp.asarray(percentile, _F32))
+    threshold = jnp.where(size > 0, threshold, _NO_LIMIT)
+    scale = jnp.where(finite, range_scale(norm, threshold), 1.0)
+    return scale_tree(updates, scale), AutoClipState(
+      grad_norm=norm,
+      clip_scale=scale,
+      clip_threshold=threshold,
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
+      norm_history=history,
+      history_size=size,
+      history_index=index,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class ZClipState(NamedTuple):
+  """State of `zclip`.
+
+  Attributes:
+    grad_norm: the global L2 norm of the incoming updates, before clipping. f32[].
+    clip_scale: the factor the updates were multiplied by. f32[].
+    clip_threshold: the norm a spike is clipped to this step, or the level
+      above which a norm would count as a spike; capped by ``max_norm``;
+      float32's largest value during an uncapped warm-up. f32[].
+    steps_seen: updates processed (saturating). i32[].
+    steps_clipped: updates that were rescaled. i32[].
+    norm_mean: mean μ of the (clipped) norms: the warm-up mean, then an EMA. f32[].
+    norm_var: population variance σ² of the (clipped) norms, likewise. f32[].
+    stats_count: finite norms absorbed by the warm-up, at most ``warmup_steps``. i32[].
+  """
+
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+  norm_mean: jax.Array  # f32[]
+  norm_var: jax.Array  # f32[]
+  stats_count: jax.Array  # i32[]
+
+
+def norm_statistics(
+  norm: jax.Array,
+  fed: jax.Array,
+  mean: jax.Array,
+  var: jax.Array,
+  count: jax.Array,
+  warmup_steps: Any,
+  alpha: jax.Array,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Feeds ``norm`` (where ``fed``) into a warm-up mean/variance, then an EMA of both.
+
+  While ``count < warmup_steps`` the mean and population variance of the norms
+  so far are kept (Welford's update); afterwards
+  ``μ ← αμ + (1-α)x, σ² ← ασ² + (1-α)(x - μ_new)²`` (ZClip's order). Returns
+  ``(mean, var, count)``, unchanged where not ``fed``.
+  """
+  warm = count < warmup_steps
+  k = (count + 1).astype(_F32)
+  delta = norm - mean
+  w_mean = mean + delta / k
+  w_var = var + (delta * (norm - w_mean) - var) / k
+  e_mean = alpha * mean + (1.0 - alpha) * norm
+  e_var = alpha * var + (1.0 - alpha) * jnp.square(norm - e_mean)
+  new_mean = jnp.where(fed, jnp.where(warm, w_mean, e_mean), mean)
+  new_var = jnp.where(fed, jnp.where(warm, w_var, e_var), var)
+  new_count = jnp.where(fed & warm, count + 1, count)
+  return new_mean, new_var, new_count
+
+
+def zscore(norm: jax.Array, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(z, σ)`` with ``z = (norm - μ)/(σ + 1e-6)``, ZClip's z-score."""
+  std = jnp.sqrt(var)
+  return (norm - mean) / (std + _Z_EPS), std
+
+
+def zclip(
+  z_threshold: float | jax.Array = 2.5,
+  *,
+  alpha: float | jax.Array = 0.97,
+  warmup_steps: int | jax.Array = 25,
+  max_norm: float | jax.Array | None = None,
+  axis_name: str | tuple[str, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""ZClip: clips global-norm spikes detected by a z-score against EMA statistics.
+
+  .. math:: z = \frac{\|g\| - \mu}{\sigma + 10^{-6}}, \qquad
+     \text{if } z > z_{thr}: \ g \leftarrow g \cdot
+     \frac{\mu + z_{thr}^2 \sigma / z}{\|g\|}
+
+  then, with the clipped norm :math:`\hat g`,
+  :math:`\mu \leftarrow \alpha\mu + (1-\alpha)\hat g`,
+  :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(\hat g - \mu)^2`.
+  The first ``warmup_steps`` finite norms set μ and σ² (their mean and
+  population variance) and are not clipped. A larger spike is clipped
+  harder (the threshold falls as z grows). A non-finite norm does not touch
+  the statistics and its update passes unscaled.
+
+  ``max_norm`` optionally caps every step, warm-up included (a fixed clip on
+  top); it is off by default, unlike the reference code's 1.0, so ZClip is
+  the only rule in force.
+
+  Args:
+    z_threshold: the z-score above which a norm is a spike, > 0 (``inf``:
+      never clip). Default 2.5.
+    alpha: EMA decay α of the statistics, in ``[0, 1]``. Default 0.97.
+    warmup_steps: finite norms that initialise the statistics, >= 1. Default 25.
+    max_norm: an optional fixed upper bound on every step's norm, >= 0.
+    axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
+      over; the norm is then the global one across it. Default None.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `ZClipState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.zclip(2.5, warmup_steps=2)
+    >>> state = tx.init({"w": jnp.zeros(1)})
+    >>> for g in [1.0, 3.0, 2.0, 50.0]:
+    ...   u, state = tx.update({"w": jnp.array([g])}, state)
+    >>> print(round(float(u["w"][0]), 4), round(float(state.norm_mean), 4))
+    2.1263 2.0038
+
+  References:
+    Kumar, Owen, Roy Chowdhury, Güra, *ZClip: Adaptive Spike Mitigation for
+    LLM Pre-Training*, 2025, https://arxiv.org/abs/2504.02507
+  """
+  fn = "zclip"
+  _validation.check_scalar(fn, "z_threshold", z_threshold, low=0.0, low_open=True)
+  _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
+  _validation.check_count(fn, "warmup_steps", warmup_steps)
+  if max_norm is not None:
+    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  _validation.check_axis_name(fn, axis_name)
+
+  def init_fn(params: Any) -> ZClipState:
+    del params
+    return ZClipState(
+      clip_threshold=jnp.asarray(_NO_LIMIT if max_norm is None else max_norm, _F32),
+      norm_mean=jnp.zeros([], _F32),
+      norm_var=jnp.zeros([], _F32),
+      stats_count=jnp.zeros([], jnp.int32),
+      **clip_stats_init(),
+    )
+
+  def update_fn(
+    updates: Any, state: ZClipState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ZClipState]:
+    del params, extra_args
+    z_thr, a = jnp.asarray(z_threshold, _F32), jnp.asarray(alpha, _F32)
+    cap = jnp.asarray(_NO_LIMIT if max_norm is None else max_norm, _F32)
+    norm = _norms.global_norm(updates, axis_name=axis_name).astype(_F32)
+    finite = jnp.isfinite(norm)
+    warm = state.stats_count < warmup_steps
+    z, std = zscore(norm, state.norm_mean, state.norm_var)
+    spike = finite & ~warm & (z > z_thr)
+    clipped_norm = state.norm_mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)
+    trigger = state.norm_mean + z_thr * (std + _Z_EPS)
+    level = jnp.where(warm, _NO_LIMIT, jnp.where(spike, clipped_norm, trigger))
+    limit = jnp.minimum(jnp.where(spike, clipped_norm, _NO_LIMIT), cap)
+    scale = jnp.where(finite, range_scale(norm, limit), 1.0)
+    mean, var, count = norm_statistics(
+      jnp.where(spike, clipped_norm, norm),
+      finite,
+      state.norm_mean,
+      state.norm_var,
+      state.stats_count,
+      warmup_steps,
+      a,
+    )
+    return scale_tree(updates, scale), ZClipState(
+      grad_norm=norm,
+      clip_scale=scale,
+      clip_threshold=jnp.minimum(level, cap).astype(_F32),
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
+      norm_mean=mean,
+      norm_var=var,
+      stats_count=count,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_metrics.register(AutoClipState, "autoclip", CLIP_STATS)
+_metrics.register(ZClipState, "zclip", (*CLIP_STATS, "norm_mean", "norm_var"))

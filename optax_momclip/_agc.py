@@ -1,0 +1,158 @@
+"""Adaptive gradient clipping (AGC): each unit's gradient bounded relative to its weights."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_momclip import _metrics, _norms, _validation
+from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if, range_scale, scale_leaf
+
+_F32 = jnp.float32
+
+
+class AdaptiveGradClipState(NamedTuple):
+  """State of `adaptive_grad_clip`.
+
+  Attributes:
+    grad_norm: the global L2 norm of the incoming updates, before clipping. f32[].
+    clip_scale: the smallest factor any unit was multiplied by this step. f32[].
+    clip_threshold: the ratio ``clipping`` (λ) used. f32[].
+    units_clipped: units rescaled this step. i32[].
+    steps_seen: updates processed (saturating). i32[].
+    steps_clipped: updates in which at least one unit was rescaled. i32[].
+  """
+
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  units_clipped: jax.Array  # i32[]
+  steps_seen: jax.Array  # i32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def adaptive_grad_clip(
+  clipping: float | jax.Array = 0.01,
+  *,
+  eps: float | jax.Array = 1e-3,
+  axis: int | tuple[int, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Adaptive gradient clipping (AGC): each unit's update is bounded relative to its weights.
+
+  .. math:: G_i \leftarrow G_i \cdot \frac{\lambda \max(\|W_i\|, \epsilon)}{\|G_i\|}
+     \quad \text{when} \quad \frac{\|G_i\|}{\max(\|W_i\|, \epsilon)} > \lambda
+
+  A *unit* ``i`` is one output unit. With ``axis=None`` the norm of a leaf
+  of rank >= 2 is taken over every axis but the last, which is the output axis
+  in JAX/Flax layouts; scalars and vectors (biases) are one unit each::
+
+    nn.Dense kernel (in, out)            -> norms over axis 0, one per output
+    nn.Conv kernel (H, W, in, out)       -> norms over axes (0, 1, 2)
+    nn.Conv 1-D kernel (W, in, out)      -> norms over axes (0, 1)
+    bias (out,), scale ()                -> one norm for the whole leaf
+
+  PyTorch layouts are output-first, so the same model reduces over other
+  axes there: pass ``axis`` explicitly (the axes a norm is taken over) for
+  any other layout. Norms accumulate in float32; a unit whose gradient norm
+  is not finite is left unscaled. NFNets apply AGC to the raw gradient,
+  before weight decay and momentum, and do not clip the final classifier
+  (use ``optax.masked`` to leave it out).
+
+  Differs from ``optax.adaptive_grad_clip`` in the default units of rank-3
+  kernels (optax: axis 0, for multi-head projections; here axes (0, 1), for
+  1-D convolutions) and of kernels of shape ``(1, n)`` (optax: one unit;
+  here ``n`` units), in dividing by the exact ``‖G_i‖`` instead of
+  ``max(‖G_i‖, 1e-6)``, and in keeping statistics in its state.
+
+  Args:
+    clipping: the largest allowed ratio λ of a unit's update norm to its
+      weight norm, >= 0. Default 0.01.
+    eps: the weight norm below which a unit counts as ``eps`` (so zero-
+      initialised weights can move), >= 0. Default 1e-3.
+    axis: None (default: the unit convention above), or an int or tuple of
+      ints naming the axes each norm is taken over, for every leaf; a leaf
+      with too few dimensions is one unit.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an
+    `AdaptiveGradClipState`. Its ``update`` needs ``params``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.adaptive_grad_clip(0.1)
+    >>> params = {"kernel": jnp.array([[3.0, 0.0], [4.0, 1.0]])}  # (in, out)
+    >>> grads = {"kernel": jnp.array([[1.0, 0.05], [0.0, 0.0]])}
+    >>> u, state = tx.update(grads, tx.init(params), params)
+    >>> print(u["kernel"][:, 0], state.units_clipped)
+    [0.5 0. ] 1
+
+    With a Flax ``Dense`` layer, each output unit (kernel column) is bounded by
+    its own weight norm; a gradient parallel to the weights is clipped to λW:
+
+    >>> import flax.linen as nn, jax
+    >>> params = nn.Dense(3).init(jax.random.key(0), jnp.ones((1, 4)))["params"]
+    >>> grads = jax.tree.map(lambda p: 100.0 * p, params)  # kernel (4, 3), bias (3,) zeros
+    >>> u, state = tx.update(grads, tx.init(params), params)
+    >>> print(jnp.allclose(u["kernel"], 0.1 * params["kernel"]), state.units_clipped)
+    True 3
+
+  References:
+    Brock, De, Smith, Simonyan, *High-Performance Large-Scale Image
+    Recognition Without Normalization*, 2021, https://arxiv.org/abs/2102.06171
+  """
+  fn = "adaptive_grad_clip"
+  _validation.check_scalar(fn, "clipping", clipping, low=0.0)
+  _validation.check_scalar(fn, "eps", eps, low=0.0)
+  _validation.check_axes(fn, "axis", axis)
+
+  def unit_norms(tree: Any) -> Any:
+    def one(x: jax.Array) -> jax.Array:
+      axes = _norms.unit_axes(x.ndim) if axis is None else _norms.resolve_axes(x.ndim, axis)
+      return _norms.leaf_norm(x, axis=axes, keepdims=True)
+
+    return jax.tree.map(one, tree)
+
+  def init_fn(params: Any) -> AdaptiveGradClipState:
+    del params
+    return AdaptiveGradClipState(
+      clip_threshold=jnp.asarray(clipping, _F32),
+      units_clipped=jnp.zeros([], jnp.int32),
+      **clip_stats_init(),
+    )
+
+  def update_fn(
+    updates: Any, state: AdaptiveGradClipState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, AdaptiveGradClipState]:
+    del extra_args
+    if params is None:
+      raise ValueError(f"{fn}: update needs params (each unit is bounded relative to its weights)")
+    _validation.check_tree_matches(fn, updates, params)
+    lam, floor = jnp.asarray(clipping, _F32), jnp.asarray(eps, _F32)
+    g_norms, w_norms = unit_norms(updates), unit_norms(params)
+    scales = jax.tree.map(
+      lambda g, w: jnp.where(jnp.isfinite(g), range_scale(g, lam * jnp.maximum(w, floor)), 1.0),
+      g_norms,
+      w_norms,
+    )
+    new = jax.tree.map(scale_leaf, updates, scales)
+    clipped = jax.tree.leaves(jax.tree.map(lambda s: jnp.sum(s != 1.0, dtype=jnp.int32), scales))
+    lowest = jax.tree.leaves(jax.tree.map(jnp.min, scales))
+    units = sum(clipped, jnp.zeros([], jnp.int32))
+    return new, AdaptiveGradClipState(
+      # The L2 norm of the unit norms is the L2 norm of the whole update.
+      grad_norm=_norms.global_norm(g_norms).astype(_F32),
+      clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones([], _F32),
+      clip_threshold=lam,
+      units_clipped=units,
+      steps_seen=optax.safe_increment(state.steps_seen),
+      steps_clipped=count_if(state.steps_clipped, units > 0),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_metrics.register(AdaptiveGradClipState, "adaptive_grad_clip", (*CLIP_STATS, "units_clipped"))

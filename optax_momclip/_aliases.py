@@ -1,0 +1,206 @@
+"""Whole optimizers: momclip_sgd, PyTorch's clip-then-SGD step in one fused pass."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_momclip import _metrics, _norms, _validation
+from optax_momclip._clipping import hyperparam
+from optax_momclip._momentum import (
+  check_nesterov,
+  complement,
+  compute_dtype,
+  heavy_ball_leaf,
+  init_buffer,
+  unzip,
+)
+from optax_momclip._validation import ScheduleOrScalar
+
+_F32 = jnp.float32
+# torch.nn.utils.clip_grad_norm_ divides by total_norm + 1e-6.
+_TORCH_NORM_EPS = 1e-6
+
+
+class MomclipSgdState(NamedTuple):
+  """State of `momclip_sgd`.
+
+  Attributes:
+    count: steps taken (saturating); the step schedules are evaluated at, and
+      0 marks the first step. i32[].
+    momentum_buffer: PyTorch's ``momentum_buffer``, a tree like the params in
+      ``accumulator_dtype`` (default: each param's dtype).
+    grad_norm: the global L2 norm of the raw gradient, before any clipping
+      (what ``clip_grad_norm_`` returns); 0 when ``max_norm`` is None. f32[].
+    clip_scale: the factor the gradient was multiplied by,
+      ``min(1, max_norm / (grad_norm + 1e-6))``; 1 when ``max_norm`` is None.
+      f32[].
+    clip_threshold: ``max_norm``; 0 when it is None. f32[].
+    steps_clipped: steps whose ``clip_scale`` was below 1 (saturating). i32[].
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def momclip_sgd(
+  learning_rate: ScheduleOrScalar,
+  momentum: ScheduleOrScalar = 0.9,
+  *,
+  max_norm: float | jax.Array | None = None,
+  clip_value: float | jax.Array | None = None,
+  nesterov: bool = False,
+  dampening: float | jax.Array = 0.0,
+  weight_decay: float | jax.Array = 0.0,
+  accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clipped SGD with momentum, equal step for step to PyTorch's.
+
+  One step is, in this order, what a PyTorch loop does with
+  ``clip_grad_norm_(params, max_norm)``, then ``clip_grad_value_(params,
+  clip_value)``, then ``torch.optim.SGD(lr, momentum, dampening,
+  weight_decay, nesterov).step()``:
+
+  .. math::
+     g &\leftarrow g \cdot \min\!\big(1, c / (\|g\|_2 + 10^{-6})\big), \qquad
+     g \leftarrow \mathrm{clip}(g, -v, v), \qquad g \leftarrow g + \lambda \theta \\
+     b_1 &= g_1, \quad b_t = \mu b_{t-1} + (1 - d) g_t, \qquad
+     u = g + \mu b \ (\text{Nesterov}) \text{ or } b, \qquad
+     \Delta\theta = -\eta\, u
+
+  It returns ``Δθ`` (apply with ``optax.apply_updates``). The norm clip comes
+  first so that ``grad_norm`` is the raw gradient's norm, the number a
+  PyTorch loop logs; both bounds hold after either order. With ``μ = 0`` no
+  buffer enters the step (as in PyTorch). The step reads the gradient twice:
+  once for the norm (skipped when ``max_norm`` is None) and once in a single
+  fused elementwise pass that clips, decays, updates the buffer and scales.
+  Unlike `clip_by_global_norm` it keeps PyTorch's ``+1e-6``, so a norm just
+  above ``c`` is scaled slightly below it, and a non-finite norm scales as
+  PyTorch's does (``c/inf = 0``, NaN stays NaN).
+
+  Args:
+    learning_rate: ``η >= 0``, or a schedule ``step -> η`` evaluated at ``count``.
+    momentum: ``μ`` in ``[0, 1]``, or a schedule. Default 0.9.
+    max_norm: ``c >= 0`` for the global L2 norm clip, or None (default) for none.
+    clip_value: ``v >= 0`` for the elementwise clip to ``[-v, v]``, or None
+      (default) for none.
+    nesterov: use ``g + μb``; needs ``μ > 0`` and ``d = 0`` as in PyTorch.
+      Default False.
+    dampening: ``d`` in ``[0, 1]``. Default 0.
+    weight_decay: ``λ >= 0``, PyTorch's coupled L2 decay; when non-zero (or
+      traced) ``update`` needs ``params``. Default 0.
+    accumulator_dtype: dtype the buffer is stored in (e.g. ``jnp.bfloat16``);
+      the step is computed in float32 and updates keep the gradient's dtype.
+      Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    `MomclipSgdState`; `metrics` reports ``momclip_sgd/grad_norm`` and
+    ``momclip_sgd/clip_fraction``.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_momclip as omc
+    >>> tx = omc.momclip_sgd(0.1, 0.9, max_norm=1.0)
+    >>> params = {"w": jnp.array([1.0, 1.0])}
+    >>> g = {"w": jnp.array([3.0, 4.0])}
+    >>> u, state = tx.update(g, tx.init(params), params)
+    >>> print([round(float(x), 4) for x in u["w"]], state.grad_norm)
+    [-0.06, -0.08] 5.0
+
+  References:
+    PyTorch ``torch.optim.SGD``,
+    https://pytorch.org/docs/stable/generated/torch.optim.SGD.html and
+    ``torch.nn.utils.clip_grad_norm_``,
+    https://pytorch.org/docs/stable/generated/torch.nn.utils.clip_grad_norm_.html
+
+    Pascanu, Mikolov, Bengio, *On the difficulty of training recurrent neural
+    networks*, 2013, https://arxiv.org/abs/1211.5063
+  """
+  fn = "momclip_sgd"
+  _validation.check_scalar(fn, "learning_rate", learning_rate, low=0.0, schedule=True)
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0, schedule=True)
+  if max_norm is not None:
+    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  if clip_value is not None:
+    _validation.check_scalar(fn, "clip_value", clip_value, low=0.0)
+  _validation.check_scalar(fn, "dampening", dampening, low=0.0, high=1.0)
+  _validation.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
+  check_nesterov(fn, nesterov, momentum, dampening)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+  decays = _validation.concrete_float(weight_decay) != 0.0
+
+  def init_fn(params: Any) -> MomclipSgdState:
+    return MomclipSgdState(
+      count=jnp.zeros([], jnp.int32),
+      momentum_buffer=init_buffer(params, accumulator_dtype),
+      grad_norm=jnp.zeros([], _F32),
+      clip_scale=jnp.ones([], _F32),
+      clip_threshold=jnp.asarray(0.0 if max_norm is None else max_norm, _F32),
+      steps_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: MomclipSgdState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, MomclipSgdState]:
+    del extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    if decays and params is None:
+      raise ValueError(f"{fn}: weight_decay={weight_decay!r} needs params in update()")
+    count = state.count
+    lr, mu = hyperparam(learning_rate, count), hyperparam(momentum, count)
+    undamped = complement(dampening, count)
+    fresh = (count == 0) | (mu == 0)
+    wd = jnp.asarray(weight_decay, _F32)
+    norm, scale = jnp.zeros([], _F32), jnp.ones([], _F32)
+    if max_norm is not None:
+      threshold = jnp.asarray(max_norm, _F32)
+      norm = _norms.global_norm(updates).astype(_F32)
+      scale = jnp.minimum(threshold / (norm + _TORCH_NORM_EPS), 1.0)
+
+    def leaf(g: jax.Array, b: jax.Array, p: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+      dtype = compute_dtype(g.dtype, b.dtype)
+      x = g.astype(dtype)
+      if max_norm is not None:
+        x = x * scale.astype(dtype)
+      if clip_value is not None:
+        v = jnp.asarray(clip_value, _F32).astype(dtype)
+        x = jnp.clip(x, -v, v)
+      if p is not None:
+        x = x + wd.astype(dtype) * p.astype(dtype)
+      u, new = heavy_ball_leaf(x, b, mu, undamped, fresh, nesterov)
+      return ((-lr).astype(dtype) * u).astype(g.dtype), new.astype(b.dtype)
+
+    if decays:
+      pairs = jax.tree.map(leaf, updates, state.momentum_buffer, params)
+    else:
+      pairs = jax.tree.map(lambda g, b: leaf(g, b, None), updates, state.momentum_buffer)
+    out, buf = unzip(updates, pairs)
+    steps_clipped = jnp.where(
+      scale < 1.0, optax.safe_increment(state.steps_clipped), state.steps_clipped
+    )
+    return out, MomclipSgdState(
+      count=optax.safe_increment(count),
+      momentum_buffer=buf,
+      grad_norm=norm,
+      clip_scale=scale,
+      clip_threshold=state.clip_threshold if max_norm is None else threshold,
+      steps_clipped=steps_clipped,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_metrics.register(
+  MomclipSgdState,
+  "momclip_sgd",
+  ("grad_norm", "clip_scale", "clip_threshold", "count", "steps_clipped"),
+  fractions={"clip_fraction": ("steps_clipped", "count")},
+)

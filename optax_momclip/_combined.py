@@ -1,0 +1,234 @@
+"""Momentum and clipping combined: clipped (mixed) momentum and normalized momentum."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from optax_momclip import _metrics, _norms, _validation
+from optax_momclip._clipping import hyperparam, range_scale
+from optax_momclip._momentum import cast_like, complement, ema_tree, init_buffer
+
+_F32 = jnp.float32
+
+
+class ClippedMomentumState(NamedTuple):
+  """State of `clipped_momentum`.
+
+  Attributes:
+    count: steps taken (saturating). i32[].
+    momentum_buffer: the unclipped moving average ``m``, a tree like the
+      params in ``accumulator_dtype`` (default: each param's dtype).
+    grad_norm: the global norm of the incoming gradient ``‖g‖``. f32[].
+    momentum_norm: the global norm of the new average ``‖m‖``. f32[].
+    clip_threshold: ``max_norm``. f32[].
+    steps_clipped: steps in which a clip that enters the output (of ``m``
+      when ``ν > 0``, of ``g`` when ``ν < 1``) rescaled (saturating). i32[].
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+  grad_norm: jax.Array  # f32[]
+  momentum_norm: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  steps_clipped: jax.Array  # i32[]
+
+
+def clipped_momentum(
+  max_norm: float | jax.Array,
+  momentum: float | jax.Array = 0.9,
+  *,
+  nu: float | jax.Array = 1.0,
+  ord: float = 2,
+  axis_name: str | tuple[str, ...] | None = None,
+  accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Clipped momentum and its mix with the clipped gradient (Zhang et al., 2020).
+
+  .. math:: m_t = \beta m_{t-1} + (1 - \beta) g_t, \quad m_0 = 0, \qquad
+     u_t = \nu \,\mathrm{clip}_c(m_t) + (1 - \nu)\,\mathrm{clip}_c(g_t), \qquad
+     \mathrm{clip}_c(x) = x \min\!\big(1, c / \|x\|\big)
+
+  The buffer ``m`` itself is never clipped: only the output is. ``ν = 1``
+  (default) is the paper's clipped momentum, ``ν = 0`` is
+  `clip_by_global_norm` of the gradient, and the paper's mixed clipping uses
+  ``β = 0.999, ν = 0.7``. Both norms are global (over the whole tree),
+  accumulated in float32 and kept in the state; a non-finite norm leaves its
+  term unscaled so the problem stays visible.
+
+  Args:
+    max_norm: the threshold ``c``, >= 0.
+    momentum: ``β`` in ``[0, 1]``. Default 0.9.
+    nu: ``ν`` in ``[0, 1]``. Default 1.
+    ord: the norm, 1, 2 (default) or ``inf``.
+    axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
+      over; the norms are then global across it. Default None.
+    accumulator_dtype: dtype ``m`` is stored in; updates keep the gradient's
+      dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    `ClippedMomentumState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.clipped_momentum(1.0, 0.5)
+    >>> g = {"w": jnp.array([6.0, 8.0])}
+    >>> u, state = tx.update(g, tx.init(g))  # m = (3, 4), clipped to norm 1
+    >>> print([round(float(x), 4) for x in u["w"]], state.momentum_norm, state.grad_norm)
+    [0.6, 0.8] 5.0 10.0
+
+  References:
+    Zhang, Jin, Fang, Wang, *Improved Analysis of Clipping Algorithms for
+    Non-convex Optimization*, 2020, https://arxiv.org/abs/2010.02519
+  """
+  fn = "clipped_momentum"
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0)
+  _validation.check_scalar(fn, "nu", nu, low=0.0, high=1.0)
+  _validation.check_ord(fn, ord)
+  _validation.check_axis_name(fn, axis_name)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+
+  def init_fn(params: Any) -> ClippedMomentumState:
+    return ClippedMomentumState(
+      count=jnp.zeros([], jnp.int32),
+      momentum_buffer=init_buffer(params, accumulator_dtype),
+      grad_norm=jnp.zeros([], _F32),
+      momentum_norm=jnp.zeros([], _F32),
+      clip_threshold=jnp.asarray(max_norm, _F32),
+      steps_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: ClippedMomentumState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, ClippedMomentumState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    c = jnp.asarray(max_norm, _F32)
+    v, one_minus_v = hyperparam(nu, state.count), complement(nu, state.count)
+    new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
+    m_norm = _norms.global_norm(new, ord=ord, axis_name=axis_name).astype(_F32)
+    g_norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
+    m_scale = jnp.where(jnp.isfinite(m_norm), range_scale(m_norm, c), 1.0)
+    g_scale = jnp.where(jnp.isfinite(g_norm), range_scale(g_norm, c), 1.0)
+    m_weight, g_weight = v * m_scale, one_minus_v * g_scale
+
+    def leaf(g: jax.Array, m: jax.Array) -> jax.Array:
+      out = m_weight.astype(m.dtype) * m + g_weight.astype(m.dtype) * g.astype(m.dtype)
+      return out.astype(g.dtype)
+
+    clipped = ((v > 0) & (m_scale != 1.0)) | ((v < 1) & (g_scale != 1.0))
+    steps_clipped = jnp.where(
+      clipped, optax.safe_increment(state.steps_clipped), state.steps_clipped
+    )
+    return jax.tree.map(leaf, updates, new), ClippedMomentumState(
+      count=optax.safe_increment(state.count),
+      momentum_buffer=cast_like(new, state.momentum_buffer),
+      grad_norm=g_norm,
+      momentum_norm=m_norm,
+      clip_threshold=c,
+      steps_clipped=steps_clipped,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class NormalizedMomentumState(NamedTuple):
+  """State of `normalized_momentum`.
+
+  Attributes:
+    count: steps taken (saturating). i32[].
+    momentum_buffer: the moving average ``m``, a tree like the params in
+      ``accumulator_dtype`` (default: each param's dtype).
+    momentum_norm: ``‖m‖`` of the new average, before normalizing. f32[].
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+  momentum_norm: jax.Array  # f32[]
+
+
+def normalized_momentum(
+  momentum: float | jax.Array = 0.9,
+  *,
+  eps: float | jax.Array = 1e-8,
+  axis_name: str | tuple[str, ...] | None = None,
+  accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Normalized SGD with momentum: the moving average scaled to unit global norm.
+
+  .. math:: m_t = \beta m_{t-1} + (1 - \beta) g_t, \quad m_0 = 0, \qquad
+     u_t = \frac{m_t}{\max(\|m_t\|_2, \epsilon)}
+
+  Every step has length 1 (times the learning rate) whatever the gradient's
+  scale; a zero average gives a zero update. The norm is global, accumulated
+  in float32 and kept in the state.
+
+  Args:
+    momentum: ``β`` in ``[0, 1]``. Default 0.9.
+    eps: ``ε > 0``, the smallest norm divided by. Default 1e-8.
+    axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
+      over; the norm is then global across it. Default None.
+    accumulator_dtype: dtype ``m`` is stored in; updates keep the gradient's
+      dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a
+    `NormalizedMomentumState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.normalized_momentum(0.9)
+    >>> g = {"w": jnp.array([30.0, 40.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> print([round(float(x), 4) for x in u["w"]], state.momentum_norm)
+    [0.6, 0.8] 5.0
+
+  References:
+    Cutkosky, Mehta, *Momentum Improves Normalized SGD*, 2020,
+    https://arxiv.org/abs/2002.03305
+  """
+  fn = "normalized_momentum"
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0)
+  _validation.check_scalar(fn, "eps", eps, low=0.0, low_open=True)
+  _validation.check_axis_name(fn, axis_name)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+
+  def init_fn(params: Any) -> NormalizedMomentumState:
+    return NormalizedMomentumState(
+      count=jnp.zeros([], jnp.int32),
+      momentum_buffer=init_buffer(params, accumulator_dtype),
+      momentum_norm=jnp.zeros([], _F32),
+    )
+
+  def update_fn(
+    updates: Any, state: NormalizedMomentumState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, NormalizedMomentumState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
+    norm = _norms.global_norm(new, axis_name=axis_name).astype(_F32)
+    inv = 1 / jnp.maximum(norm, jnp.asarray(eps, _F32))
+    out = jax.tree.map(lambda g, m: (m * inv.astype(m.dtype)).astype(g.dtype), updates, new)
+    return out, NormalizedMomentumState(
+      count=optax.safe_increment(state.count),
+      momentum_buffer=cast_like(new, state.momentum_buffer),
+      momentum_norm=norm,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+_metrics.register(
+  ClippedMomentumState,
+  "clipped_momentum",
+  ("grad_norm", "momentum_norm", "clip_threshold", "count", "steps_clipped"),
+  fractions={"clip_fraction": ("steps_clipped", "count")},
+)
+_metrics.register(NormalizedMomentumState, "normalized_momentum", ("momentum_norm",))

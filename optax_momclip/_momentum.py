@@ -1,0 +1,499 @@
+"""Momentum: PyTorch-exact heavy ball, EMA, QHM, AggMo and the Demon schedule."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from optax_momclip import _validation
+from optax_momclip._clipping import hyperparam
+from optax_momclip._validation import ScheduleOrScalar
+
+_F32 = jnp.float32
+
+
+# Shared by every momentum transformation here and in `_combined` / `_aliases`.
+
+
+def compute_dtype(*dtypes: Any) -> jnp.dtype:
+  """The dtype a momentum step is computed in: float32, or wider if an input is wider."""
+  out = jnp.dtype(_F32)
+  for d in dtypes:
+    out = jnp.promote_types(out, d)
+  return out
+
+
+def init_buffer(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> Any:
+  """Zeros shaped like every leaf of ``params`` (``leading + shape``), in ``dtype`` or its own.
+
+  Accepts ``jax.ShapeDtypeStruct`` leaves; ``None`` leaves stay ``None``.
+  """
+  return jax.tree.map(lambda p: jnp.zeros(leading + tuple(p.shape), dtype or p.dtype), params)
+
+
+def unzip(like: Any, pairs: Any, n: int = 2) -> tuple[Any, ...]:
+  """Splits a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees."""
+  return tuple(jax.tree.map(lambda _, o, i=i: o[i], like, pairs) for i in range(n))
+
+
+def complement(value: ScheduleOrScalar, step: jax.Array) -> jax.Array:
+  """``1 - value`` as a float32 scalar, like `hyperparam`.
+
+  A concrete number is subtracted in float64 before rounding (as optax and
+  PyTorch do with Python floats), so ``1 - 0.8`` is the float32 nearest 0.2,
+  not ``1 - float32(0.8)``.
+  """
+  if not callable(value):
+    v = _validation.concrete_float(value)
+    if v is not None:
+      return jnp.asarray(1.0 - v, _F32)
+  return 1 - hyperparam(value, step)
+
+
+def heavy_ball_leaf(
+  g: jax.Array,
+  b: jax.Array,
+  momentum: jax.Array,
+  undamped: jax.Array,
+  fresh: jax.Array,
+  nesterov: bool,
+) -> tuple[jax.Array, jax.Array]:
+  """One PyTorch SGD momentum step on a leaf: ``(direction, new buffer)``, both unrounded.
+
+  ``undamped`` is ``1 - dampening``; ``fresh`` (a bool scalar) marks the first
+  step or a zero momentum, where PyTorch's buffer is a plain copy of ``g``.
+  Computed in `compute_dtype`.
+  """
+  dtype = compute_dtype(g.dtype, b.dtype)
+  x, mu = g.astype(dtype), momentum.astype(dtype)
+  new = jnp.where(fresh, x, mu * b.astype(dtype) + undamped.astype(dtype) * x)
+  return (x + mu * new if nesterov else new), new
+
+
+def ema_leaf(g: jax.Array, m: jax.Array, decay: jax.Array, weight: jax.Array) -> jax.Array:
+  """``decay·m + weight·g`` (``weight = 1 - decay``, see `complement`) in `compute_dtype`."""
+  dtype = compute_dtype(g.dtype, m.dtype)
+  return weight.astype(dtype) * g.astype(dtype) + decay.astype(dtype) * m.astype(dtype)
+
+
+def cast_like(tree: Any, like: Any) -> Any:
+  """Every leaf of ``tree`` cast to the dtype of the matching leaf of ``like``."""
+  return jax.tree.map(lambda x, y: x.astype(y.dtype), tree, like)
+
+
+def ema_tree(updates: Any, buffer: Any, decay: ScheduleOrScalar, count: jax.Array) -> Any:
+  """The new moving average ``decay·m + (1 - decay)·g`` of every leaf, unrounded."""
+  beta, weight = hyperparam(decay, count), complement(decay, count)
+  return jax.tree.map(lambda g, m: ema_leaf(g, m, beta, weight), updates, buffer)
+
+
+def check_nesterov(fn: str, nesterov: Any, momentum: Any, dampening: Any) -> None:
+  """Rejects what ``torch.optim.SGD`` rejects: Nesterov without momentum or with dampening."""
+  if not isinstance(nesterov, bool | np.bool_):
+    raise TypeError(f"{fn}: nesterov must be a bool, got {nesterov!r}")
+  if not nesterov:
+    return
+  mu = None if callable(momentum) else _validation.concrete_float(momentum)
+  d = _validation.concrete_float(dampening)
+  if (mu is not None and mu <= 0) or (d is not None and d != 0):
+    raise ValueError(
+      f"{fn}: nesterov=True needs momentum > 0 and dampening == 0 (as torch.optim.SGD), "
+      f"got momentum={momentum!r}, dampening={dampening!r}"
+    )
+
+
+class HeavyBallState(NamedTuple):
+  """State of `heavy_ball`.
+
+  Attributes:
+    count: steps taken (saturating); the step a momentum schedule is evaluated
+      at, and 0 marks the first step. i32[].
+    momentum_buffer: PyTorch's ``momentum_buffer``, a tree like the params in
+      ``accumulator_dtype`` (default: each param's dtype).
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+
+
+def heavy_ball(
+  momentum: ScheduleOrScalar = 0.9,
+  *,
+  dampening: float | jax.Array = 0.0,
+  nesterov: bool = False,
+  accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Heavy-ball momentum with PyTorch's SGD semantics.
+
+  .. math::
+     b_1 = g_1, \qquad b_t = \mu b_{t-1} + (1 - d)\, g_t, \qquad
+     u_t = \begin{cases} g_t + \mu b_t & \text{Nesterov} \\ b_t & \text{otherwise}\end{cases}
+
+  The first buffer is the undamped gradient, as in ``torch.optim.SGD``; with
+  ``d = 0`` this is ``optax.trace`` and the classic ``v = γv + g``, and the
+  step ``θ ← θ - α u`` is added by ``optax.sgd``-style scaling after it. A
+  momentum of 0 returns ``g`` whatever the dampening (PyTorch keeps no buffer
+  then).
+
+  Args:
+    momentum: ``μ`` in ``[0, 1]``, or a schedule ``step -> μ`` (e.g. `demon`)
+      evaluated at ``count``. Default 0.9.
+    dampening: ``d`` in ``[0, 1]``. Default 0.
+    nesterov: use the Nesterov direction ``g + μb``. Needs ``μ > 0`` and
+      ``d = 0``, as in PyTorch. Default False.
+    accumulator_dtype: dtype the buffer is stored in (e.g. ``jnp.bfloat16``);
+      the step is computed in float32 and the updates keep the gradient's
+      dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `HeavyBallState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.heavy_ball(0.9, dampening=0.5)
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> u, state = tx.update(g, tx.init(g))  # first step: b = g
+    >>> u, state = tx.update(g, state)  # 0.9·b + 0.5·g
+    >>> print(u["w"])
+    [ 1.4 -2.8]
+
+  References:
+    Polyak, *Some methods of speeding up the convergence of iteration
+    methods*, 1964, https://doi.org/10.1016/0041-5553(64)90137-5
+
+    Sutskever, Martens, Dahl, Hinton, *On the importance of initialization and
+    momentum in deep learning*, 2013, https://proceedings.mlr.press/v28/sutskever13.html
+
+    PyTorch ``torch.optim.SGD``,
+    https://pytorch.org/docs/stable/generated/torch.optim.SGD.html
+  """
+  fn = "heavy_ball"
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0, schedule=True)
+  _validation.check_scalar(fn, "dampening", dampening, low=0.0, high=1.0)
+  check_nesterov(fn, nesterov, momentum, dampening)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+
+  def init_fn(params: Any) -> HeavyBallState:
+    return HeavyBallState(
+      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype)
+    )
+
+  def update_fn(
+    updates: Any, state: HeavyBallState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, HeavyBallState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    mu = hyperparam(momentum, state.count)
+    undamped = complement(dampening, state.count)
+    fresh = (state.count == 0) | (mu == 0)
+    pairs = jax.tree.map(
+      lambda g, b: heavy_ball_leaf(g, b, mu, undamped, fresh, nesterov),
+      updates,
+      state.momentum_buffer,
+    )
+    out, buf = unzip(updates, pairs)
+    return cast_like(out, updates), HeavyBallState(
+      count=optax.safe_increment(state.count),
+      momentum_buffer=cast_like(buf, state.momentum_buffer),
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class EmaMomentumState(NamedTuple):
+  """State of `ema_momentum`.
+
+  Attributes:
+    count: steps taken (saturating); the step a decay schedule is evaluated
+      at. i32[].
+    momentum_buffer: the moving average ``m``, a tree like the params in
+      ``accumulator_dtype`` (default: each param's dtype).
+    decay_product: ``Π β`` over the steps taken, so that ``1 - Π β`` debiases
+      exactly even when ``β`` follows a schedule. f32[].
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+  decay_product: jax.Array  # f32[]
+
+
+def ema_momentum(
+  decay: ScheduleOrScalar = 0.9, *, debias: bool = False, accumulator_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+  r"""Exponential-moving-average momentum, optionally bias-corrected.
+
+  .. math:: m_t = \beta m_{t-1} + (1 - \beta) g_t, \quad m_0 = 0, \qquad
+     u_t = m_t \ \text{or, debiased,}\ m_t / (1 - \textstyle\prod_{s \le t} \beta_s)
+
+  Equals ``optax.ema`` (whose ``debias`` defaults to True; here False). With a
+  constant ``β`` the correction is Adam's ``1 - β^t``; with a schedule it is
+  the exact ``1 - Π β_s``. Unlike PyTorch's dampening, the first step is
+  ``(1 - β) g``.
+
+  Args:
+    decay: ``β`` in ``[0, 1]``, or a schedule ``step -> β`` evaluated at
+      ``count``. Default 0.9.
+    debias: divide by ``1 - Π β``. Default False.
+    accumulator_dtype: dtype ``m`` is stored in; updates keep the gradient's
+      dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an `EmaMomentumState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.ema_momentum(0.5)
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> u, state = tx.update(g, state)  # 0.5·(0.5·g) + 0.5·g
+    >>> print(u["w"])
+    [ 0.75 -1.5 ]
+
+  References:
+    Kingma, Ba, *Adam: A Method for Stochastic Optimization*, 2015,
+    https://arxiv.org/abs/1412.6980
+  """
+  fn = "ema_momentum"
+  _validation.check_scalar(fn, "decay", decay, low=0.0, high=1.0, schedule=True)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+
+  def init_fn(params: Any) -> EmaMomentumState:
+    return EmaMomentumState(
+      count=jnp.zeros([], jnp.int32),
+      momentum_buffer=init_buffer(params, accumulator_dtype),
+      decay_product=jnp.ones([], _F32),
+    )
+
+  def update_fn(
+    updates: Any, state: EmaMomentumState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, EmaMomentumState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    new = ema_tree(updates, state.momentum_buffer, decay, state.count)
+    product = state.decay_product * hyperparam(decay, state.count)
+    out = new
+    if debias:
+      correction = 1 - product
+      # beta == 1 keeps m at zero; dividing by 1 then avoids 0/0.
+      safe = jnp.where(correction > 0, correction, 1.0)
+      out = jax.tree.map(lambda m: m / safe.astype(m.dtype), new)
+    return cast_like(out, updates), EmaMomentumState(
+      count=optax.safe_increment(state.count),
+      momentum_buffer=cast_like(new, state.momentum_buffer),
+      decay_product=product,
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class QhmState(NamedTuple):
+  """State of `qhm`.
+
+  Attributes:
+    count: steps taken (saturating). i32[].
+    momentum_buffer: the moving average ``b``, a tree like the params in
+      ``accumulator_dtype`` (default: each param's dtype).
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree like params, accumulator_dtype
+
+
+def qhm(
+  momentum: float | jax.Array = 0.999,
+  nu: float | jax.Array = 0.7,
+  *,
+  accumulator_dtype: Any = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""Quasi-hyperbolic momentum: a ``ν``-weighted mix of the gradient and its EMA.
+
+  .. math:: b_t = \beta b_{t-1} + (1 - \beta) g_t, \quad b_0 = 0, \qquad
+     u_t = (1 - \nu) g_t + \nu b_t
+
+  ``ν = 0`` is plain SGD, ``ν = 1`` is `ema_momentum`, and ``ν = β`` with
+  the learning rate divided by ``1 - β`` is Nesterov `heavy_ball`. A learning
+  rate tuned for SGD with momentum ``β'`` converts as ``lr / (1 - β')``.
+
+  Args:
+    momentum: ``β`` in ``[0, 1]``. Default 0.999 (the paper's).
+    nu: ``ν`` in ``[0, 1]``. Default 0.7 (the paper's).
+    accumulator_dtype: dtype ``b`` is stored in; updates keep the gradient's
+      dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is a `QhmState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.qhm(0.9, 0.5)
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> u, state = tx.update(g, tx.init(g))  # 0.5·g + 0.5·0.1·g
+    >>> print(u["w"].round(4))
+    [ 0.55 -1.1 ]
+
+  References:
+    Ma, Yarats, *Quasi-hyperbolic momentum and Adam for deep learning*, 2019,
+    https://arxiv.org/abs/1810.06801
+  """
+  fn = "qhm"
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0)
+  _validation.check_scalar(fn, "nu", nu, low=0.0, high=1.0)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+
+  def init_fn(params: Any) -> QhmState:
+    return QhmState(
+      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype)
+    )
+
+  def update_fn(
+    updates: Any, state: QhmState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, QhmState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
+    beta, weight = hyperparam(momentum, state.count), complement(momentum, state.count)
+    v, one_minus_v = hyperparam(nu, state.count), complement(nu, state.count)
+
+    def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+      new = ema_leaf(g, b, beta, weight)
+      dt = new.dtype
+      out = one_minus_v.astype(dt) * g.astype(dt) + v.astype(dt) * new
+      return out.astype(g.dtype), new.astype(b.dtype)
+
+    out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
+    return out, QhmState(count=optax.safe_increment(state.count), momentum_buffer=buf)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+class AggmoState(NamedTuple):
+  """State of `aggmo`.
+
+  Attributes:
+    count: steps taken (saturating). i32[].
+    momentum_buffer: the ``K`` velocities stacked on a leading axis: a tree
+      like the params whose leaves have shape ``(K, *param.shape)``, in
+      ``accumulator_dtype`` (default: each param's dtype).
+  """
+
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  momentum_buffer: Any  # tree of (K, *param.shape), accumulator_dtype
+
+
+def aggmo(
+  betas: Sequence[float] = (0.0, 0.9, 0.99), *, accumulator_dtype: Any = None
+) -> optax.GradientTransformationExtraArgs:
+  r"""Aggregated momentum: the mean of several heavy-ball velocities.
+
+  .. math:: v^{(i)}_t = \beta_i v^{(i)}_{t-1} + g_t, \quad v^{(i)}_0 = 0, \qquad
+     u_t = \frac{1}{K} \sum_{i=1}^{K} v^{(i)}_t
+
+  One beta is `heavy_ball` without dampening (``optax.trace``). The velocities
+  are stacked on a leading axis so a step is one elementwise pass per leaf.
+
+  Args:
+    betas: the ``K >= 1`` damping factors, each in ``[0, 1)``. Default
+      ``(0.0, 0.9, 0.99)`` (the paper's). A Python sequence: it fixes the
+      state's shape (with ``optax.inject_hyperparams`` it stays static).
+    accumulator_dtype: dtype the velocities are stored in; updates keep the
+      gradient's dtype. Default None: each param's dtype.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an `AggmoState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.aggmo((0.0, 0.5))
+    >>> g = {"w": jnp.array([1.0, -2.0])}
+    >>> u, state = tx.update(g, tx.init(g))
+    >>> u, state = tx.update(g, state)  # mean(g, 1.5·g)
+    >>> print(u["w"])
+    [ 1.25 -2.5 ]
+
+  References:
+    Lucas, Sun, Zemel, Grosse, *Aggregated Momentum: Stability Through Passive
+    Damping*, 2019, https://arxiv.org/abs/1804.00325
+  """
+  fn = "aggmo"
+  if isinstance(betas, str) or not isinstance(betas, Sequence) or not betas:
+    raise TypeError(f"{fn}: betas must be a non-empty sequence of numbers, got {betas!r}")
+  for i, beta in enumerate(betas):
+    _validation.check_scalar(fn, f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
+  k = len(betas)
+
+  def init_fn(params: Any) -> AggmoState:
+    return AggmoState(
+      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype, (k,))
+    )
+
+  def update_fn(
+    updates: Any, state: AggmoState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, AggmoState]:
+    del params, extra_args
+    _validation.check_tree_matches(
+      fn, updates, state.momentum_buffer, shape_of=lambda shape: (k, *shape)
+    )
+    beta = jnp.stack([jnp.asarray(b, _F32) for b in betas])
+
+    def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+      dtype = compute_dtype(g.dtype, v.dtype)
+      bcast = beta.astype(dtype).reshape((k,) + (1,) * g.ndim)
+      new = bcast * v.astype(dtype) + g.astype(dtype)[None]
+      return jnp.mean(new, axis=0).astype(g.dtype), new.astype(v.dtype)
+
+    out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
+    return out, AggmoState(count=optax.safe_increment(state.count), momentum_buffer=buf)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def demon(
+  momentum_init: float | jax.Array = 0.9, *, total_steps: int
+) -> Callable[[jax.Array], jax.Array]:
+  r"""The Demon decaying-momentum schedule, to pass as ``momentum=`` of `heavy_ball`.
+
+  .. math:: \beta_t = \frac{\beta_0 (1 - t/T)}{(1 - \beta_0) + \beta_0 (1 - t/T)}
+
+  Starts at ``β_0``, decays to 0 at ``t = T`` and stays there (``t`` is
+  clipped to ``[0, T]``). Computed in float32 with a real-valued ``t/T``
+  (mlpack's integer ``t/T`` is not the paper's rule).
+
+  Args:
+    momentum_init: ``β_0`` in ``[0, 1)``. Default 0.9.
+    total_steps: ``T``, a positive int (keyword-only).
+
+  Returns:
+    A schedule ``step -> β_t``: a jit-traceable function of an integer step
+    returning a float32 scalar.
+
+  Examples:
+    >>> import optax_momclip as omc
+    >>> schedule = omc.demon(0.9, total_steps=100)
+    >>> print(schedule(0).round(4), schedule(50).round(4), schedule(100))
+    0.9 0.8182 0.0
+
+  References:
+    Chen, Wolfe, Li, Kyrillidis, *Demon: Improved Neural Network Training with
+    Momentum Decay*, 2022, https://arxiv.org/abs/1910.04952
+  """
+  fn = "demon"
+  _validation.check_scalar(fn, "momentum_init", momentum_init, low=0.0, high=1.0, high_open=True)
+  _validation.check_positive_int(fn, "total_steps", total_steps)
+
+  def schedule(step: jax.Array) -> jax.Array:
+    beta0 = jnp.asarray(momentum_init, _F32)
+    # (T - t)/T rather than 1 - t/T: exact 0 at t = T even when XLA divides by a reciprocal.
+    t = jnp.clip(jnp.asarray(step, _F32), 0.0, float(total_steps))
+    left = (float(total_steps) - t) / float(total_steps)
+    return beta0 * left / (complement(momentum_init, step) + beta0 * left)
+
+  return schedule

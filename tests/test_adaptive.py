@@ -1,0 +1,305 @@
+"""AGC, AutoClip and ZClip against NumPy re-derivations of the published rules."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import optax_momclip as omc
+
+# ---------------------------------------------------------------- AGC
+
+
+def _agc_oracle(g, w, lam, eps, axes):
+  """Brock et al. 2021, as in the NFNets code: G * λ max(‖W‖, ε) / max(‖G‖, 1e-6) if over."""
+  g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+  gn = np.sqrt(np.sum(g * g, axis=axes, keepdims=True))
+  wn = np.sqrt(np.sum(w * w, axis=axes, keepdims=True))
+  limit = lam * np.maximum(wn, eps)
+  over = gn / np.maximum(wn, eps) > lam
+  return np.where(over, g * limit / np.maximum(gn, 1e-6), g), int(np.sum(over))
+
+
+def _agc_tree():
+  k = jax.random.split(jax.random.key(3), 8)
+  # Per-unit gradient sizes spread over four decades so some units clip, others not.
+  unit = lambda key, n: jnp.exp(jax.random.uniform(key, (n,), minval=-6.0, maxval=1.0))
+  params = {
+    "dense": {"kernel": jax.random.normal(k[0], (5, 3)), "bias": jnp.full((3,), 0.5)},
+    "conv": {"kernel": jax.random.normal(k[1], (3, 3, 2, 4)), "bias": jnp.zeros((4,))},
+    "scale": jnp.asarray(2.0),
+  }
+  grads = {
+    "dense": {
+      "kernel": jax.random.normal(k[2], (5, 3)) * unit(k[3], 3),
+      "bias": jnp.array([1e-4, 0.3, 0.002]),
+    },
+    "conv": {
+      "kernel": jax.random.normal(k[4], (3, 3, 2, 4)) * unit(k[5], 4),
+      "bias": jnp.full((4,), 1e-6),  # zero weights: the eps floor decides
+    },
+    "scale": jnp.asarray(0.5),
+  }
+  return params, grads
+
+
+AXES = {
+  ("dense", "kernel"): (0,),
+  ("dense", "bias"): None,
+  ("conv", "kernel"): (0, 1, 2),
+  ("conv", "bias"): None,
+  ("scale",): None,
+}
+
+
+def _leaf(tree, path):
+  for p in path:
+    tree = tree[p]
+  return tree
+
+
+@pytest.mark.parametrize("lam", [0.01, 0.2])
+def test_agc_matches_numpy_on_dense_conv_and_biases(lam):
+  params, grads = _agc_tree()
+  tx = omc.adaptive_grad_clip(lam)
+  out, state = jax.jit(tx.update)(grads, tx.init(params), params)
+  total = 0
+  for path, axes in AXES.items():
+    want, n = _agc_oracle(_leaf(grads, path), _leaf(params, path), lam, 1e-3, axes)
+    np.testing.assert_allclose(_leaf(out, path), want, rtol=1e-6, atol=1e-12, err_msg=str(path))
+    total += n
+  assert 0 < total < 3 + 3 + 4 + 4 + 1  # some units clipped, not all
+  assert int(state.units_clipped) == total
+  assert int(state.steps_clipped) == 1 and int(state.steps_seen) == 1
+  flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]).astype(np.float64)
+  np.testing.assert_allclose(state.grad_norm, np.linalg.norm(flat), rtol=1e-6)
+  ratios = [
+    np.linalg.norm(np.ravel(_leaf(out, p))) / np.linalg.norm(np.ravel(_leaf(grads, p)))
+    for p in [("scale",), ("dense", "bias")]
+  ]
+  assert float(state.clip_scale) <= min(ratios) + 1e-7
+  assert float(state.clip_threshold) == np.float32(lam)
+
+
+def test_agc_agrees_with_optax_where_the_unit_conventions_agree():
+  params, grads = _agc_tree()
+  tx = omc.adaptive_grad_clip(0.05)
+  ours, _ = tx.update(grads, tx.init(params), params)
+  theirs, _ = optax.adaptive_grad_clip(0.05).update(grads, optax.EmptyState(), params)
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6, atol=1e-12)
+
+
+def test_agc_explicit_axis_handles_pytorch_layout():
+  """A PyTorch Linear weight is (out, in): axis=1 gives the Flax result transposed."""
+  params, grads = _agc_tree()
+  w, g = params["dense"]["kernel"], grads["dense"]["kernel"]
+  flax_tx = omc.adaptive_grad_clip(0.05)
+  flax_out, _ = flax_tx.update({"k": g}, flax_tx.init({"k": w}), {"k": w})
+  torch_tx = omc.adaptive_grad_clip(0.05, axis=1)
+  torch_out, _ = torch_tx.update({"k": g.T}, torch_tx.init({"k": w.T}), {"k": w.T})
+  np.testing.assert_allclose(torch_out["k"].T, flax_out["k"], rtol=1e-6)
+
+
+def test_agc_zero_weights_use_eps_and_nonfinite_units_pass_unscaled():
+  params = {"w": jnp.zeros((2, 2))}
+  grads = {"w": jnp.array([[1.0, jnp.inf], [0.0, 0.0]])}
+  tx = omc.adaptive_grad_clip(0.5, eps=1e-2)
+  out, _ = tx.update(grads, tx.init(params), params)
+  np.testing.assert_allclose(out["w"][:, 0], [0.005, 0.0], rtol=1e-6)  # λ·ε
+  assert out["w"][0, 1] == jnp.inf
+
+
+def test_agc_needs_params():
+  tx = omc.adaptive_grad_clip()
+  with pytest.raises(ValueError, match="adaptive_grad_clip: update needs params"):
+    tx.update({"w": jnp.ones(2)}, tx.init(None))
+
+
+def test_agc_params_must_match_updates():
+  tx = omc.adaptive_grad_clip()
+  with pytest.raises(AssertionError, match="adaptive_grad_clip"):
+    tx.update({"w": jnp.ones(2)}, tx.init(None), {"w": jnp.ones(3)})
+
+
+# ---------------------------------------------------------------- AutoClip
+
+
+def _norm_sequence(n, spikes=(), seed=0):
+  rng = np.random.default_rng(seed)
+  norms = np.exp(rng.normal(0.0, 0.5, n)).astype(np.float32)
+  for i in spikes:
+    norms[i] *= 30.0
+  return norms
+
+
+def _replay(make_tx, norms, *args):
+  """Feeds g_t = norm_t·u (u a fixed unit-norm tree) through tx in one lax.scan.
+
+  Returns the output norms, the gradients, the outputs and the states, and
+  checks the pre-clip norm kept in the state against float64; the oracles
+  then replay the norms the transform saw (g_t's norm is norm_t up to 1 ulp).
+  """
+  u = {"a": jnp.array([0.6, 0.0]), "b": jnp.array([[0.0, 0.8]])}
+
+  @jax.jit
+  def run(norms, *args):
+    tx = make_tx(*args)
+
+    def step(state, n):
+      g = jax.tree.map(lambda x: x * n, u)
+      out, state = tx.update(g, state)
+      return state, (omc.global_norm(out), g, out, state)
+
+    return jax.lax.scan(step, tx.init(u), norms)[1]
+
+  out = jax.tree.map(np.asarray, run(jnp.asarray(norms), *args))
+  g64 = [np.asarray(x, np.float64).reshape(len(norms), -1) for x in jax.tree.leaves(out[1])]
+  want = np.linalg.norm(np.concatenate(g64, axis=1), axis=1)
+  np.testing.assert_allclose(out[3].grad_norm, want, rtol=1e-6)
+  return out
+
+
+@pytest.mark.parametrize("percentile", [0.0, 10.0, 37.5, 50.0, 90.0])
+def test_autoclip_threshold_is_numpy_percentile_of_the_window(percentile):
+  window = 5
+  out_norm, _, _, states = _replay(
+    lambda p: omc.autoclip(p, window=window), _norm_sequence(13, spikes=(7,)), percentile
+  )
+  norms = states.grad_norm
+  for t in range(len(norms)):  # before the window has filled, and after it wraps
+    want = np.percentile(norms[max(0, t - window + 1) : t + 1], percentile)
+    np.testing.assert_allclose(states.clip_threshold[t], want, rtol=1e-6, err_msg=f"t={t}")
+    np.testing.assert_allclose(out_norm[t], min(norms[t], want), rtol=1e-6)
+  clipped = np.cumsum(norms > states.clip_threshold)
+  np.testing.assert_array_equal(states.steps_clipped, clipped)
+  assert int(states.history_size[-1]) == window and int(states.history_index[-1]) == 13 % window
+
+
+def test_autoclip_percentile_100_is_the_identity():
+  norms = _norm_sequence(9, spikes=(4,))
+  _, grads, outs, states = _replay(lambda: omc.autoclip(100.0, window=3), norms)
+  chex.assert_trees_all_equal(outs, grads)
+  assert int(states.steps_clipped[-1]) == 0
+
+
+def test_autoclip_skips_nonfinite_norms_in_its_window():
+  norms = np.array([1.0, 2.0, np.nan, 3.0, np.inf, 4.0], np.float32)
+  _, grads, outs, states = _replay(lambda: omc.autoclip(50.0, window=3), norms)
+  finite = states.grad_norm[np.isfinite(norms)]
+  want = [np.percentile(finite[max(0, i - 2) : i + 1], 50.0) for i in range(len(finite))]
+  np.testing.assert_allclose(states.clip_threshold[np.isfinite(norms)], want, rtol=1e-6)
+  # A non-finite update passes unscaled (still visible downstream), and is not recorded.
+  chex.assert_trees_all_equal(
+    jax.tree.map(lambda x: x[2], outs), jax.tree.map(lambda x: x[2], grads)
+  )
+  np.testing.assert_array_equal(states.history_size, [1, 2, 2, 3, 3, 3])
+
+
+# ---------------------------------------------------------------- ZClip
+
+
+def _zclip_oracle(norms, z_thr, alpha, warmup, max_norm=None):
+  """The published ZClip rule (bluorion-com/ZClip, clip_option="adaptive_scaling"), float64.
+
+  Non-finite norms (not covered by the reference) leave everything unchanged.
+  """
+  buf, mean, var, rows = [], None, None, []
+  for x in np.asarray(norms, np.float64):
+    y = x
+    if np.isfinite(x):
+      if mean is None:
+        buf.append(x)
+        if len(buf) >= warmup:
+          mean, var = float(np.mean(buf)), float(np.var(buf))
+      else:
+        std = np.sqrt(var)
+        z = (x - mean) / (std + 1e-6)
+        if z > z_thr:
+          y = mean + (z_thr * std) / (z / z_thr)
+        mean = alpha * mean + (1 - alpha) * y
+        var = alpha * var + (1 - alpha) * (y - mean) ** 2
+      if max_norm is not None:
+        y = min(y, max_norm)
+    m, v = (np.mean(buf), np.var(buf)) if mean is None else (mean, var)
+    rows.append((y, m, v))
+  return np.array(rows).T
+
+
+@pytest.mark.parametrize("max_norm", [None, 2.0])
+def test_zclip_matches_the_published_rule_over_spikes(max_norm):
+  out_norm, _, _, states = _replay(
+    lambda z, a: omc.zclip(z, alpha=a, warmup_steps=8, max_norm=max_norm),
+    _norm_sequence(60, spikes=(3, 20, 21, 40, 55)),  # one spike inside the warm-up
+    2.5,
+    0.9,
+  )
+  norms = states.grad_norm
+  want_norm, want_mean, want_var = _zclip_oracle(norms, 2.5, 0.9, 8, max_norm)
+  np.testing.assert_allclose(out_norm, want_norm, rtol=2e-6)
+  np.testing.assert_allclose(states.norm_mean, want_mean, rtol=2e-6)
+  np.testing.assert_allclose(states.norm_var, want_var, rtol=2e-5)
+  spikes = out_norm < norms * (1 - 1e-6)
+  assert spikes[[20, 40, 55]].all()
+  assert spikes[3] == (max_norm is not None)  # the warm-up is unprotected without a cap
+  clipped_at = np.flatnonzero(spikes & (states.clip_scale < 1))
+  np.testing.assert_allclose(states.clip_threshold[clipped_at], want_norm[clipped_at], rtol=2e-6)
+  assert int(states.steps_clipped[-1]) == int(spikes.sum())
+  np.testing.assert_array_equal(states.stats_count[[6, 7, 59]], [7, 8, 8])
+
+
+def test_zclip_infinite_threshold_is_the_identity():
+  norms = _norm_sequence(30, spikes=(12, 25))
+  _, grads, outs, states = _replay(lambda: omc.zclip(jnp.inf, warmup_steps=5), norms)
+  chex.assert_trees_all_equal(outs, grads)
+  assert int(states.steps_clipped[-1]) == 0
+
+
+def test_zclip_nonfinite_norms_leave_the_statistics_alone():
+  norms = _norm_sequence(20)
+  with_nan = np.insert(norms, [3, 12], [np.nan, np.inf]).astype(np.float32)
+  _, _, _, clean = _replay(lambda: omc.zclip(2.5, warmup_steps=5), norms)
+  _, _, outs, dirty = _replay(lambda: omc.zclip(2.5, warmup_steps=5), with_nan)
+  keep = np.isfinite(with_nan)
+  for field in ("norm_mean", "norm_var", "stats_count"):
+    np.testing.assert_array_equal(getattr(dirty, field)[keep], getattr(clean, field))
+  assert np.isnan(outs["a"][3, 0]) and np.isinf(outs["a"][13, 0])  # passed unscaled
+
+
+# ---------------------------------------------------------------- shared
+
+
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (lambda: omc.adaptive_grad_clip(-0.1), r"adaptive_grad_clip: clipping must be in \[0, inf\)"),
+    (lambda: omc.adaptive_grad_clip(eps=-1.0), "adaptive_grad_clip: eps"),
+    (lambda: omc.autoclip(101.0), r"autoclip: percentile must be in \[0, 100\], got 101.0"),
+    (lambda: omc.autoclip(window=0), "autoclip: window must be >= 1, got 0"),
+    (lambda: omc.zclip(0.0), r"zclip: z_threshold must be in \(0, inf\)"),
+    (lambda: omc.zclip(alpha=1.5), "zclip: alpha"),
+    (lambda: omc.zclip(warmup_steps=0), "zclip: warmup_steps must be >= 1"),
+    (lambda: omc.zclip(max_norm=-1.0), "zclip: max_norm"),
+  ],
+)
+def test_bad_hyperparameters_raise(make, match):
+  with pytest.raises(ValueError, match=match):
+    make()
+
+
+def test_autoclip_window_must_be_static():
+  with pytest.raises(TypeError, match="static_args"):
+    omc.autoclip(window=jnp.asarray(3))
+
+
+def test_metrics_report_the_adaptive_statistics():
+  params = {"w": jnp.ones((2, 2))}
+  tx = optax.chain(omc.adaptive_grad_clip(0.01), omc.autoclip(50.0, window=4), omc.zclip())
+  _, state = tx.update({"w": jnp.full((2, 2), 3.0)}, tx.init(params), params)
+  m = omc.metrics(state)
+  assert float(m["adaptive_grad_clip/clip_fraction"]) == 1.0
+  assert int(m["adaptive_grad_clip/units_clipped"]) == 2
+  np.testing.assert_allclose(m["adaptive_grad_clip/grad_norm"], 6.0, rtol=1e-6)
+  np.testing.assert_allclose(m["autoclip/grad_norm"], 0.02, rtol=1e-6)
+  assert {"zclip/norm_mean", "zclip/norm_var", "zclip/clip_fraction"} <= set(m)

@@ -1,0 +1,291 @@
+"""skip_bad_steps: a skipped step changes no bit of the params or the inner state."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import optax_momclip as omc
+
+U = {"w": jnp.array([[0.6, 0.0], [0.0, 0.0]]), "b": jnp.array([0.0, -0.8])}
+
+
+def _bits(tree):
+  """Every leaf as raw bytes, so -0.0 != 0.0 and NaN payloads count."""
+  return jax.tree.map(lambda x: np.asarray(x).tobytes(), tree)
+
+
+def _assert_bit_identical(a, b):
+  assert jax.tree.structure(a) == jax.tree.structure(b)
+  for x, y in zip(jax.tree.leaves(_bits(a)), jax.tree.leaves(_bits(b)), strict=True):
+    assert x == y
+
+
+def _replay(tx, norms, params=None):
+  """Feeds g_t = norm_t·U through tx and apply_updates in one lax.scan; returns per-step states."""
+  params = jax.tree.map(jnp.ones_like, U) if params is None else params
+
+  @jax.jit
+  def run(norms):
+    def step(carry, n):
+      p, s = carry
+      u, s = tx.update(jax.tree.map(lambda x: x * n, U), s, p)
+      p = optax.apply_updates(p, u)
+      return (p, s), (p, s)
+
+    return jax.lax.scan(step, (params, tx.init(params)), norms)[1]
+
+  return jax.tree.map(np.asarray, run(jnp.asarray(norms, jnp.float32)))
+
+
+def _at(tree, t):
+  return jax.tree.map(lambda x: x[t], tree)
+
+
+def _norms(n, seed=0):
+  return np.exp(np.random.default_rng(seed).normal(0.0, 0.1, n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 1e3], ids=["nan", "inf", "spike"])
+def test_a_bad_step_changes_no_bit(bad):
+  inner = optax.chain(omc.clip_by_global_norm(2.0), optax.adam(0.1))
+  tx = omc.skip_bad_steps(inner, spike_zscore=5.0, warmup_steps=4)
+  norms = np.append(_norms(6), [bad, 1.0]).astype(np.float32)
+  params = {"w": jnp.array([[1.0, -0.0], [0.0, 2.0]]), "b": jnp.array([-0.0, 3.0])}
+  ps, states = _replay(tx, norms, params)
+  before, after = (_at(ps, 5), _at(states, 5)), (_at(ps, 6), _at(states, 6))
+  _assert_bit_identical(after[0], before[0])  # params, -0.0 kept
+  _assert_bit_identical(after[1].inner_state, before[1].inner_state)
+  for field in ("spike_mean", "spike_var", "spike_count"):
+    _assert_bit_identical(getattr(after[1], field), getattr(before[1], field))
+  assert int(after[1].consecutive_spikes) == int(np.isfinite(bad))  # NaN/Inf are not spikes
+  assert after[1].last_step_skipped and not before[1].last_step_skipped
+  assert int(after[1].steps_skipped) == 1 and int(after[1].consecutive_skips) == 1
+  assert int(after[1].steps_checked) == 7
+  # The next finite step is applied and moves params and state again.
+  assert not states.last_step_skipped[7] and int(states.consecutive_skips[7]) == 0
+  assert not np.array_equal(ps["b"][7], ps["b"][6])
+
+
+def test_skip_bad_steps_without_a_bad_step_is_the_inner_transformation():
+  inner = optax.chain(omc.clip_by_global_norm(2.0), optax.sgd(0.1, momentum=0.9))
+  norms = _norms(10)
+  ps, states = _replay(omc.skip_bad_steps(inner, spike_zscore=5.0, warmup_steps=3), norms)
+  ref_ps, ref_states = _replay(inner, norms)
+  # Equal up to the order XLA sums the inner norm in (fused differently with the guard's).
+  chex.assert_trees_all_close(ps, ref_ps, rtol=1e-6)
+  chex.assert_trees_all_close(states.inner_state, ref_states, rtol=1e-6)
+  assert int(states.steps_skipped[-1]) == 0
+
+
+def _spike_oracle(norms, z_thr, alpha, warmup, max_norm=None, max_spikes=None):
+  """NumPy re-derivation: statistics of the accepted finite norms only, float64."""
+  acc, mean, var, rows, run = [], 0.0, 0.0, [], 0
+  for x in np.asarray(norms, np.float64):
+    finite = np.isfinite(x)
+    warm = len(acc) < warmup
+    z = (x - mean) / (np.sqrt(var) + 1e-6) if finite else np.nan
+    bad = finite and ((max_norm is not None and x > max_norm) or (not warm and z > z_thr))
+    skip = bad or not finite
+    if finite and not skip:
+      run = 0
+      if warm:
+        acc.append(x)
+        mean, var = float(np.mean(acc)), float(np.var(acc))
+      else:
+        mean = alpha * mean + (1 - alpha) * x
+        var = alpha * var + (1 - alpha) * (x - mean) ** 2
+    elif bad:
+      run += 1
+      if max_spikes is not None and run >= max_spikes:
+        acc, mean, var, run = [], 0.0, 0.0, 0
+    rows.append((skip, mean, var, len(acc)))
+  return [np.array(c) for c in zip(*rows, strict=True)]
+
+
+def test_spike_statistics_follow_accepted_steps_only():
+  norms = _norms(80)
+  norms[[30, 31, 55]] *= 40.0
+  norms[[10, 45]] = [np.nan, np.inf]
+  norms[[60]] = 5.0  # above max_norm only
+  tx = omc.skip_bad_steps(optax.sgd(0.1), max_norm=4.0, spike_zscore=3.0, warmup_steps=12)
+  _, states = _replay(tx, norms)
+  skip, mean, var, count = _spike_oracle(norms, 3.0, 0.99, 12, max_norm=4.0)
+  np.testing.assert_array_equal(states.last_step_skipped, skip)
+  assert set(np.flatnonzero(skip)) == {10, 30, 31, 45, 55, 60}
+  np.testing.assert_allclose(states.spike_mean, mean, rtol=2e-6)
+  np.testing.assert_allclose(states.spike_var, var, rtol=2e-5, atol=1e-9)
+  np.testing.assert_array_equal(states.spike_count, count)
+  assert int(states.steps_skipped[-1]) == 6
+  np.testing.assert_array_equal(states.consecutive_skips[[29, 30, 31, 32]], [0, 1, 2, 0])
+
+
+def test_one_nan_never_skips_a_later_finite_step():
+  norms = _norms(60)
+  with_nan = norms.copy()
+  with_nan[20] = np.nan
+  tx = omc.skip_bad_steps(optax.sgd(0.1), spike_zscore=5.0, warmup_steps=10)
+  _, clean = _replay(tx, norms)
+  _, dirty = _replay(tx, with_nan)
+  assert not clean.last_step_skipped.any()
+  np.testing.assert_array_equal(np.flatnonzero(dirty.last_step_skipped), [20])
+  # After the NaN everything is as if step 20 had never happened.
+  _, without_20 = _replay(tx, np.delete(norms, 20))
+  for field in ("spike_mean", "spike_var", "spike_count", "consecutive_spikes", "inner_state"):
+    _assert_bit_identical(
+      jax.tree.map(lambda x: x[21:], getattr(dirty, field)),
+      jax.tree.map(lambda x: x[20:], getattr(without_20, field)),
+    )
+
+
+def test_statistics_restart_after_max_consecutive_finite_spikes():
+  norms = np.concatenate([_norms(20), 50.0 * _norms(30, seed=1)]).astype(np.float32)
+  norms[21] = np.nan  # neither counts as a spike nor breaks the run
+  tx = omc.skip_bad_steps(optax.sgd(0.1), spike_zscore=5.0, warmup_steps=5, max_consecutive_skips=3)
+  ps, states = _replay(tx, norms)
+  skip, mean, _, count = _spike_oracle(norms, 5.0, 0.99, 5, max_spikes=3)
+  np.testing.assert_array_equal(states.last_step_skipped, skip)
+  np.testing.assert_array_equal(np.flatnonzero(skip), [20, 21, 22, 23])
+  np.testing.assert_array_equal(states.spike_restarts[[22, 23, 49]], [0, 1, 1])
+  np.testing.assert_array_equal(states.spike_count[[22, 23, 24, 49]], [5, 0, 1, 5])
+  np.testing.assert_allclose(states.spike_mean, mean, rtol=2e-6)
+  np.testing.assert_array_equal(count, states.spike_count)
+  assert np.isfinite(ps["w"]).all()
+
+
+def test_without_a_restart_a_change_of_scale_is_skipped_forever():
+  norms = np.concatenate([_norms(20), 50.0 * _norms(10, seed=1)]).astype(np.float32)
+  tx = omc.skip_bad_steps(optax.sgd(0.1), spike_zscore=5.0, warmup_steps=5)
+  _, states = _replay(tx, norms)
+  assert not states.last_step_skipped[:20].any()
+  assert states.last_step_skipped[20:].all() and int(states.consecutive_skips[-1]) == 10
+
+
+def test_skip_nonfinite_false_lets_nan_through():
+  tx = omc.skip_bad_steps(optax.sgd(0.1), skip_nonfinite=False)
+  ps, states = _replay(tx, np.array([1.0, np.nan], np.float32))
+  assert np.isnan(ps["w"][1]).all() and int(states.steps_skipped[-1]) == 0
+
+
+def test_vmap_decides_per_instance():
+  tx = omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9))
+  params = jax.tree.map(jnp.ones_like, U)
+  g = jax.tree.map(lambda x: jnp.stack([x, x * jnp.nan]), U)
+  states = jax.vmap(lambda _: tx.init(params))(jnp.arange(2))
+  u, s = jax.vmap(lambda g, s: tx.update(g, s, params))(g, states)
+  np.testing.assert_array_equal(s.last_step_skipped, [False, True])
+  np.testing.assert_allclose(u["w"][0], -0.1 * U["w"], rtol=1e-6)
+  _assert_bit_identical(u["w"][1], jnp.full((2, 2), -0.0))
+
+
+@pytest.fixture(scope="module")
+def mesh():
+  assert len(jax.devices()) == 8
+  return Mesh(np.array(jax.devices()), ("data",))
+
+
+def _sharded_case():
+  """Params (8, 3) sharded by rows; a bad value lands in one replica's shard only."""
+  params = {"w": jnp.arange(24.0).reshape(8, 3) / 24.0}
+  grads = []
+  for t, bad in enumerate([None, np.nan, None, 1e4, None]):
+    g = jnp.full((8, 3), 0.1 * (t + 1))
+    grads.append(g if bad is None else g.at[5, 1].set(bad))
+  return params, jnp.stack(grads)
+
+
+def test_every_replica_takes_the_same_decision_under_shard_map(mesh):
+  params, grads = _sharded_case()
+  make = lambda axis_name: omc.skip_bad_steps(
+    optax.sgd(0.1, momentum=0.9), max_norm=100.0, axis_name=axis_name
+  )
+
+  def train(axis_name):
+    tx = make(axis_name)
+
+    def local(p, gs):
+      def step(carry, g):
+        p, s = carry
+        u, s = tx.update({"w": g}, s, p)
+        p = optax.apply_updates(p, u)
+        return (p, s), s.last_step_skipped[None]
+
+      (p, s), flags = jax.lax.scan(step, (p, tx.init(p)), gs)
+      return p, flags.T, s.steps_skipped[None]
+
+    return jax.jit(
+      jax.shard_map(
+        local,
+        mesh=mesh,
+        in_specs=({"w": P("data")}, P(None, "data")),
+        out_specs=({"w": P("data")}, P("data"), P("data")),
+        check_vma=False,
+      )
+    )(params, grads)
+
+  p, flags, skipped = train("data")
+  np.testing.assert_array_equal(flags, np.tile([False, True, False, True, False], (8, 1)))
+  np.testing.assert_array_equal(skipped, np.full(8, 2))
+  # Same as one device holding everything.
+  ref = make(None)
+  rp, rs = params, ref.init(params)
+  for g in grads:
+    u, rs = ref.update({"w": g}, rs, rp)
+    rp = optax.apply_updates(rp, u)
+  np.testing.assert_allclose(p["w"], rp["w"], rtol=1e-6)  # psum adds in another order
+  # Without axis_name each replica decides on its own shard: they disagree.
+  _, local_flags, _ = train(None)
+  assert local_flags[5].sum() == 2 and local_flags[0].sum() == 0
+
+
+def test_jit_with_named_sharding_decides_globally(mesh):
+  params, grads = _sharded_case()
+  shard = NamedSharding(mesh, P("data"))
+  tx = omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9), max_norm=100.0)
+  p = jax.device_put(params, shard)
+  s = tx.init(p)
+  step = jax.jit(lambda g, s, p: tx.update(g, s, p))
+  flags = []
+  for g in grads:
+    u, s = step({"w": jax.device_put(g, shard)}, s, p)
+    p = optax.apply_updates(p, u)
+    flags.append(bool(s.last_step_skipped))
+  assert flags == [False, True, False, True, False]
+  assert p["w"].sharding.is_equivalent_to(shard, 2)
+
+
+def test_metrics_see_the_guard_and_what_it_wraps():
+  tx = omc.skip_bad_steps(optax.chain(omc.zclip(), optax.sgd(0.1)))
+  params = {"w": jnp.ones(2)}
+  s = tx.init(params)
+  _, s = tx.update({"w": jnp.array([3.0, 4.0])}, s, params)
+  _, s = tx.update({"w": jnp.array([jnp.nan, 4.0])}, s, params)
+  m = omc.metrics(s)
+  assert float(m["skip_bad_steps/skip_fraction"]) == 0.5
+  assert float(m["skip_bad_steps/checked_norm"]) != float(m["skip_bad_steps/checked_norm"])
+  assert int(m["zclip/steps_seen"]) == 1  # the skipped step left zclip's state alone
+  assert float(m["zclip/grad_norm"]) == 5.0
+  assert float(optax.tree.get(s, "steps_skipped")) == 1
+
+
+@pytest.mark.parametrize(
+  "kwargs, err, match",
+  [
+    ({"inner": "sgd"}, TypeError, "skip_bad_steps: inner must be an optax.GradientTransformation"),
+    ({"skip_nonfinite": 1}, TypeError, "skip_nonfinite must be a bool"),
+    ({"max_norm": -1.0}, ValueError, r"skip_bad_steps: max_norm must be in \[0, inf\)"),
+    ({"spike_zscore": 0.0}, ValueError, "skip_bad_steps: spike_zscore"),
+    ({"alpha": 2.0}, ValueError, "skip_bad_steps: alpha"),
+    ({"warmup_steps": 0}, ValueError, "skip_bad_steps: warmup_steps must be >= 1, got 0"),
+    ({"max_consecutive_skips": 0}, ValueError, "max_consecutive_skips must be >= 1"),
+    ({"axis_name": 3}, TypeError, "skip_bad_steps: axis_name"),
+  ],
+)
+def test_bad_arguments_raise(kwargs, err, match):
+  kwargs = {"inner": optax.sgd(0.1), **kwargs}
+  with pytest.raises(err, match=match):
+    omc.skip_bad_steps(**kwargs)

@@ -1,0 +1,188 @@
+"""metrics() at any nesting, one norm pass per step, and with_value_checks."""
+
+import chex
+import jax
+import jax.extend
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+import optax_momclip as omc
+
+G = {"w": jnp.array([[3.0, 0.0], [0.0, 4.0]]), "b": jnp.array([0.0, 0.0])}
+NORM = 5.0
+
+
+def _step(tx, grads=G, params=G, steps=1):
+  state = tx.init(params)
+  update = jax.jit(tx.update)
+  for _ in range(steps):
+    _, state = update(grads, state, params)
+  return state
+
+
+WRAPPERS = {
+  "chain": lambda t: optax.chain(optax.scale(1.0), t, optax.sgd(0.1)),
+  "inject_hyperparams": lambda t: optax.chain(
+    t, optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+  ),
+  "inject_inner": lambda t: optax.inject_hyperparams(omc.clip_by_global_norm, static_args=("ord",))(
+    max_norm=1.0
+  ),
+  "multisteps": lambda t: optax.MultiSteps(t, every_k_schedule=1),
+  "masked": lambda t: optax.masked(t, {"w": True, "b": True}),
+  "multi_transform": lambda t: optax.multi_transform(
+    {"a": t, "z": optax.set_to_zero()}, {"w": "a", "b": "a"}
+  ),
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPERS.values(), ids=WRAPPERS.keys())
+def test_metrics_find_the_norm_at_any_nesting(wrap):
+  state = _step(wrap(omc.clip_by_global_norm(1.0)))
+  m = jax.jit(omc.metrics)(state)
+  np.testing.assert_allclose(m["clip_by_global_norm/grad_norm"], NORM, rtol=1e-6)
+  np.testing.assert_allclose(m["clip_by_global_norm/clip_scale"], 1.0 / NORM, rtol=1e-6)
+  assert m["clip_by_global_norm/clip_threshold"] == 1.0
+  assert m["clip_by_global_norm/steps_seen"] == 1
+  assert m["clip_by_global_norm/clip_fraction"] == 1.0
+  np.testing.assert_allclose(optax.tree.get(state, "grad_norm"), NORM, rtol=1e-6)
+
+
+def test_metrics_keys_values_and_fraction_over_steps():
+  tx = optax.chain(omc.clip_by_value(2.0), omc.clip_by_global_norm(100.0))
+  state = _step(tx, steps=3)
+  m = omc.metrics(state)
+  assert sorted(m) == sorted(
+    [
+      f"{p}/{k}"
+      for p in ("clip_by_value", "clip_by_global_norm")
+      for k in ("grad_norm", "clip_threshold", "steps_seen", "steps_clipped", "clip_fraction")
+    ]
+    + ["clip_by_global_norm/clip_scale"]
+  )
+  assert m["clip_by_value/clip_fraction"] == 1.0
+  assert m["clip_by_global_norm/clip_fraction"] == 0.0
+  np.testing.assert_allclose(m["clip_by_global_norm/grad_norm"], np.sqrt(8.0), rtol=1e-6)
+  assert m["clip_by_value/grad_norm"] == 4.0
+  assert m["clip_by_value/steps_seen"].dtype == jnp.int32
+  assert m["clip_by_value/clip_fraction"].dtype == jnp.float32
+
+
+def test_second_instance_gets_a_numbered_key():
+  tx = optax.chain(omc.clip_by_global_norm(1.0), omc.clip_by_global_norm(0.5))
+  m = omc.metrics(_step(tx))
+  np.testing.assert_allclose(m["clip_by_global_norm/grad_norm"], NORM, rtol=1e-6)
+  np.testing.assert_allclose(m["clip_by_global_norm_1/grad_norm"], 1.0, rtol=1e-6)
+
+
+def test_per_leaf_statistics_get_a_key_per_leaf():
+  m = omc.metrics(_step(omc.clip_by_norm(1.0, axis=0)))
+  np.testing.assert_allclose(m["clip_by_norm/grad_norm/w"], 4.0, rtol=1e-6)  # max over units
+  assert m["clip_by_norm/grad_norm/b"] == 0.0
+  assert m["clip_by_norm/clip_fraction"] == 1.0
+
+
+def test_metrics_of_an_nnx_optimizer_inside_a_jitted_step():
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.lin = nnx.Linear(2, 2, rngs=rngs)
+
+    def __call__(self, x):
+      return self.lin(x)
+
+  model = Model(nnx.Rngs(0))
+  tx = optax.chain(omc.clip_by_global_norm(0.1), optax.sgd(0.1))
+  opt = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  x = jnp.ones((4, 2))
+
+  @nnx.jit
+  def step(model, opt):
+    grads = nnx.grad(lambda m: jnp.sum(m(x) ** 2))(model)
+    opt.update(model, grads)
+    return omc.metrics(opt.opt_state), omc.global_norm(grads)
+
+  m, norm = step(model, opt)
+  np.testing.assert_allclose(m["clip_by_global_norm/grad_norm"], norm, rtol=1e-6)
+  assert m["clip_by_global_norm/steps_seen"] == 1
+  assert set(m) >= {"clip_by_global_norm/clip_fraction", "clip_by_global_norm/clip_scale"}
+
+
+def _count_reductions(jaxpr, shapes, in_cond=False):
+  """(outside conds, inside conds) counts of reduce_sum over a parameter-shaped operand."""
+  outside = inside = 0
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "reduce_sum" and tuple(eqn.invars[0].aval.shape) in shapes:
+      if in_cond:
+        inside += 1
+      else:
+        outside += 1
+    for sub in jax.extend.core.jaxprs_in_params(eqn.params):
+      o, i = _count_reductions(sub, shapes, in_cond or eqn.primitive.name == "cond")
+      outside, inside = outside + o, inside + i
+  return outside, inside
+
+
+def test_one_norm_pass_in_a_step_that_logs_the_norm():
+  tx = optax.chain(omc.clip_by_global_norm(1.0), optax.trace(0.9), optax.scale(-0.1))
+  params = {"a": jnp.ones((8, 3)), "b": jnp.ones((5,))}
+
+  def step(grads, state):
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), omc.metrics(state)
+
+  jaxpr = jax.make_jaxpr(step)(params, tx.init(params)).jaxpr
+  outside, inside = _count_reductions(jaxpr, {(8, 3), (5,)})
+  assert outside == 2  # one sum of squares per leaf; metrics reads the state
+  assert inside == 2  # the overflow/underflow rescue, taken only when needed
+
+
+def test_with_value_checks_raises_under_chexify_and_is_free_under_jit():
+  tx = omc.with_value_checks(optax.chain(omc.clip_by_global_norm(1.0), optax.trace(0.9)))
+  good = {"w": jnp.array([1.0, 2.0])}
+  bad = {"w": jnp.array([jnp.nan, 2.0])}
+  state = tx.init(good)
+
+  checked = chex.chexify(jax.jit(tx.update), async_check=False)
+  u, _ = checked(good, state)
+  np.testing.assert_allclose(u["w"], np.array([1.0, 2.0]) / np.sqrt(5.0), rtol=1e-6)
+  with pytest.raises(AssertionError, match="non-finite updates"):
+    checked(bad, state)
+
+  # A fresh instance: jit caches traces per function, checks included.
+  tx = omc.with_value_checks(optax.chain(omc.clip_by_global_norm(1.0), optax.trace(0.9)))
+  plain = jax.jit(tx.update)
+  u, _ = plain(bad, state)
+  assert np.isnan(u["w"][0])
+  unchecked = optax.chain(omc.clip_by_global_norm(1.0), optax.trace(0.9))
+  assert len(jax.make_jaxpr(plain)(good, state).eqns) == len(
+    jax.make_jaxpr(jax.jit(unchecked.update))(good, state).eqns
+  )
+
+
+def test_with_value_checks_keeps_the_state_and_extra_args():
+  inner = omc.clip_by_global_norm(1.0)
+  tx = omc.with_value_checks(inner)
+  u, s = tx.update(G, tx.init(G), None, loss=1.0)
+  u2, s2 = inner.update(G, inner.init(G))
+  chex.assert_trees_all_equal((u, s), (u2, s2))
+
+
+def test_with_value_checks_accepts_a_skipped_nan_step_but_not_a_corrupted_state():
+  tx = omc.with_value_checks(omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9)))
+  params = {"w": jnp.array([1.0, 2.0])}
+  state = tx.init(params)
+  u, state = tx.update({"w": jnp.array([jnp.nan, 1.0])}, state, params)  # skipped: fine
+  assert bool(state.last_step_skipped) and np.isnan(state.checked_norm)
+  chex.assert_trees_all_equal(u, jax.tree.map(jnp.zeros_like, params))
+  unguarded = omc.with_value_checks(optax.sgd(0.1, momentum=0.9))
+  with pytest.raises(AssertionError, match="non-finite"):
+    unguarded.update({"w": jnp.array([jnp.nan, 1.0])}, unguarded.init(params), params)
+  corrupt = state._replace(inner_state=jax.tree.map(lambda x: x * jnp.nan, state.inner_state))
+  bad_inner = omc.with_value_checks(
+    omc.skip_bad_steps(optax.sgd(0.1, momentum=0.9), skip_nonfinite=False)
+  )
+  with pytest.raises(AssertionError, match="non-finite"):
+    bad_inner.update({"w": jnp.array([1.0, 1.0])}, corrupt, params)
