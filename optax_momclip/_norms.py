@@ -76,9 +76,9 @@ def _global_l2(leaves: Sequence[jax.Array], dtype: Any, axis_name: AxisName) -> 
       jnp.sum(jnp.square(x.astype(dtype) / _safe_scale(m)))
       for x, m in zip(leaves, maxes, strict=True)
     ]
-    bigs, sums = jnp.stack(maxes), jnp.stack(sums)
+    bigs = jnp.stack(maxes)
     big = _pmax(jnp.max(bigs), axis_name)
-    ss = jnp.sum(sums * jnp.square(bigs / _safe_scale(big)))
+    ss = jnp.sum(jnp.stack(sums) * jnp.square(bigs / _safe_scale(big)))
     return big, _psum(jnp.asarray(ss, dtype), axis_name)
 
   return _rescued_l2(sumsq, sum(x.size for x in leaves), scaled_sumsq, axis_name)

@@ -45,10 +45,8 @@ def init_params() -> Any:
 
 
 def optimizer() -> optax.GradientTransformation:
-  """Global-norm clip then heavy-ball momentum, as `momclip_sgd` defines it."""
-  if hasattr(omc, "momclip_sgd"):
-    return omc.momclip_sgd(0.1, 0.9, max_norm=MAX_NORM)
-  return optax.chain(omc.clip_by_global_norm(MAX_NORM), optax.trace(0.9), optax.scale(-0.1))
+  """Global-norm clip then heavy-ball momentum."""
+  return omc.momclip_sgd(0.1, 0.9, max_norm=MAX_NORM)
 
 
 def loss(params: Any, x: jax.Array, y: jax.Array) -> jax.Array:
