@@ -58,7 +58,7 @@ def test_targets_compare_against_the_design_limits():
 
 
 def test_compared_variants_compute_the_same_step():
-  """Ours, optax's chain and the stats-free clip give the same params; the kernel is b=.9b+g."""
+  """Ours, optax's chain and the stats-free clip give the same params; the probe is b = .9b + g."""
   params = _bench.make_tree(_bench.LEAVES * 256, jnp.float32, 0)
   grads = _bench.make_tree(_bench.LEAVES * 256, jnp.float32, 1)
   txs = [_bench.ours()[1], _bench.optax_chain(), _bench._omc_chain(_bench.stats_free_clip())]
@@ -76,9 +76,7 @@ def test_compared_variants_compute_the_same_step():
   copy = lambda t: jax.tree.map(jnp.copy, t)
   p, b = _bench.roofline_kernel()(copy(params), copy(grads), grads)
   np.testing.assert_allclose(np.asarray(b[0]), 1.9 * np.asarray(grads[0]), rtol=1e-6)
-  np.testing.assert_allclose(
-    np.asarray(p[0]), np.asarray(params[0]) - 0.19 * np.asarray(grads[0]), rtol=1e-5, atol=1e-6
-  )
+  np.testing.assert_array_equal(np.asarray(p[0]), np.asarray(params[0]))
 
 
 def test_torch_runner_matches_ours():
