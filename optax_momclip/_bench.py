@@ -137,6 +137,12 @@ class JaxRunner:
     jax.block_until_ready((p, s))
     self.params, self.state = p, s
 
+  def reallocate(self) -> None:
+    """Moves params and state to freshly allocated buffers (see `time_interleaved`)."""
+    self.params, self.state = jax.block_until_ready(
+      jax.tree.map(jnp.copy, (self.params, self.state))
+    )
+
 
 def jax_runner(tx: optax.GradientTransformation, params: Any, grads: Any) -> JaxRunner:
   params = jax.tree.map(jnp.copy, params)
@@ -173,6 +179,16 @@ class TorchRunner:
       self.torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM, foreach=True)
       self.opt.step()
 
+  def reallocate(self) -> None:
+    """Moves params, grads and momentum buffers to freshly allocated memory."""
+    for p in self.params:
+      p.data = p.data.clone()
+      if p.grad is not None:
+        p.grad = p.grad.clone()
+      state = self.opt.state.get(p, {})
+      if state.get("momentum_buffer") is not None:
+        state["momentum_buffer"] = state["momentum_buffer"].clone()
+
 
 def torch_available() -> bool:
   try:
@@ -190,7 +206,11 @@ def time_interleaved(
   Each runner is warmed up (compiling) ``warmup`` times; then the number of
   steps per sample is set so the slowest variant's sample lasts about
   ``min_sample_s``. Each round visits the variants in a rotated order, so a
-  burst of load from elsewhere falls on all of them alike.
+  burst of load from elsewhere falls on all of them alike. Halfway through,
+  every runner moves its buffers to fresh memory in reverse order of
+  creation: where a buffer lands (pages reused from an earlier size, or fresh
+  ones) changes a kernel's speed by several percent, and this spreads that
+  effect over all variants instead of letting it favour one.
   """
   first = {}
   for name, run in runners.items():
@@ -202,6 +222,9 @@ def time_interleaved(
   names = list(runners)
   samples: dict[str, list[float]] = {name: [] for name in names}
   for r in range(repeats):
+    if r == repeats // 2:
+      for name in reversed(names):
+        getattr(runners[name], "reallocate", lambda: None)()
     for name in names[r % len(names) :] + names[: r % len(names)]:
       t = time.perf_counter()
       runners[name](inner)
