@@ -205,8 +205,11 @@ def time_interleaved(
 
   Each runner is warmed up (compiling) ``warmup`` times; then the number of
   steps per sample is set so the slowest variant's sample lasts about
-  ``min_sample_s``. Each round visits the variants in a rotated order, so a
-  burst of load from elsewhere falls on all of them alike. Halfway through,
+  ``min_sample_s``. Each round visits the variants in a fresh random order,
+  so a burst of load from elsewhere falls on all of them alike and no variant
+  always follows the same one (a slow variant slows the next sample down: a
+  fixed rotation made one variant 10% slower than an identical copy of
+  itself). Halfway through,
   every runner moves its buffers to fresh memory in reverse order of
   creation: where a buffer lands (pages reused from an earlier size, or fresh
   ones) changes a kernel's speed by several percent, and this spreads that
@@ -221,11 +224,12 @@ def time_interleaved(
   inner = max(1, int(np.ceil(min_sample_s / max(max(first.values()), 1e-6))))
   names = list(runners)
   samples: dict[str, list[float]] = {name: [] for name in names}
+  rng = np.random.default_rng(0)
   for r in range(repeats):
     if r == repeats // 2:
       for name in reversed(names):
         getattr(runners[name], "reallocate", lambda: None)()
-    for name in names[r % len(names) :] + names[: r % len(names)]:
+    for name in rng.permutation(names):
       t = time.perf_counter()
       runners[name](inner)
       samples[name].append((time.perf_counter() - t) / inner)
@@ -336,7 +340,8 @@ def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
   for name in ms:
     if name not in (base, "stats-free clip"):
       overhead[name] = paired_ratio(samples, name, base) - 1.0
-  return {"params": n, "ms": ms, "overhead": overhead}
+  samples_ms = {k: [1e3 * x for x in v] for k, v in samples.items()}
+  return {"params": n, "ms": ms, "overhead": overhead, "samples_ms": samples_ms}
 
 
 def bench_compile(cfg: Config) -> dict[str, Any]:
