@@ -67,9 +67,18 @@ def _global_l2(leaves: Sequence[jax.Array], dtype: Any, axis_name: AxisName) -> 
   sumsq = _psum(jnp.asarray(sumsq, dtype), axis_name)
 
   def scaled_sumsq() -> tuple[jax.Array, jax.Array]:
-    big = _pmax(jnp.max(jnp.stack([jnp.max(jnp.abs(x)).astype(dtype) for x in leaves])), axis_name)
-    scale = _safe_scale(big)
-    ss = sum(jnp.sum(jnp.square(x.astype(dtype) / scale)) for x in leaves)
+    # Each leaf is scaled by its own largest magnitude and the per-leaf sums are rescaled
+    # to the global one as a vector. Scaling every leaf by the global maximum, or summing
+    # the rescaled scalars one by one, makes XLA's fusion pass copy the cross-leaf scalars
+    # into every kernel: compile time quadratic in the number of leaves.
+    maxes = [jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]
+    sums = [
+      jnp.sum(jnp.square(x.astype(dtype) / _safe_scale(m)))
+      for x, m in zip(leaves, maxes, strict=True)
+    ]
+    bigs = jnp.stack(maxes)
+    big = _pmax(jnp.max(bigs), axis_name)
+    ss = jnp.sum(jnp.stack(sums) * jnp.square(bigs / _safe_scale(big)))
     return big, _psum(jnp.asarray(ss, dtype), axis_name)
 
   return _rescued_l2(sumsq, sum(x.size for x in leaves), scaled_sumsq, axis_name)

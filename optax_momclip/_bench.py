@@ -1,0 +1,589 @@
+"""`python -m optax_momclip bench`: the performance table of DESIGN §6, measured side by side."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import optax_momclip as omc
+from optax_momclip import _clipping, _norms
+
+LEARNING_RATE = 0.1
+MOMENTUM = 0.9
+MAX_NORM = 1.0
+LEAVES = 8  # equal 2-D leaves per benchmark tree; sizes are multiples of LEAVES * 256
+BYTES_PER_PARAM = 6  # itemsizes the fused step must move: g read twice, p and b read and written
+KERNEL_BYTES_PER_PARAM = 3  # itemsizes the bandwidth probe moves: b and g read, b written
+MiB = 2**20
+
+
+# ----------------------------------------------------------------------------------------------
+# The optimizers under test.
+
+
+def ours(max_norm: float = MAX_NORM) -> tuple[str, optax.GradientTransformation]:
+  """`momclip_sgd` with a global-norm clip and heavy-ball momentum."""
+  return "momclip_sgd", omc.momclip_sgd(LEARNING_RATE, MOMENTUM, max_norm=max_norm)
+
+
+def optax_chain(max_norm: float = MAX_NORM) -> optax.GradientTransformation:
+  """The equivalent plain optax chain."""
+  return optax.chain(
+    optax.clip_by_global_norm(max_norm), optax.trace(MOMENTUM), optax.scale(-LEARNING_RATE)
+  )
+
+
+def _omc_chain(clip: optax.GradientTransformation) -> optax.GradientTransformation:
+  return optax.chain(clip, optax.trace(MOMENTUM), optax.scale(-LEARNING_RATE))
+
+
+def stats_free_clip(max_norm: float = MAX_NORM) -> optax.GradientTransformation:
+  """`clip_by_global_norm` without its statistics: same norm and scale, empty state."""
+
+  def init_fn(params: Any) -> optax.EmptyState:
+    del params
+    return optax.EmptyState()
+
+  def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    del params
+    norm = _norms.global_norm(updates)
+    scale = jnp.where(jnp.isfinite(norm), _clipping.range_scale(norm, jnp.float32(max_norm)), 1.0)
+    return _clipping.scale_tree(updates, scale), state
+
+  return optax.GradientTransformation(init_fn, update_fn)
+
+
+CONTROL = "clip_by_global_norm (control)"
+
+
+def overhead_variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
+  """The transformations whose cost is compared with a plain global-norm clip (+ momentum)."""
+  variants: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "clip_by_global_norm": lambda: _omc_chain(omc.clip_by_global_norm(MAX_NORM)),
+    "stats-free clip": lambda: _omc_chain(stats_free_clip(MAX_NORM)),
+    # The same transformation again: its "overhead" is the noise floor of this run.
+    CONTROL: lambda: _omc_chain(omc.clip_by_global_norm(MAX_NORM)),
+  }
+  variants["autoclip"] = lambda: _omc_chain(omc.autoclip())
+  variants["zclip"] = lambda: _omc_chain(omc.zclip())
+  variants["skip_bad_steps"] = lambda: omc.skip_bad_steps(
+    _omc_chain(omc.clip_by_global_norm(MAX_NORM))
+  )
+  variants["skip_bad_steps(spike_zscore=6)"] = lambda: omc.skip_bad_steps(
+    _omc_chain(omc.clip_by_global_norm(MAX_NORM)), spike_zscore=6.0
+  )
+  return variants
+
+
+# ----------------------------------------------------------------------------------------------
+# Runners: each performs `inner` steps and blocks until they are done.
+
+
+def make_tree(n: int, dtype: Any, seed: int) -> list[jax.Array]:
+  """``LEAVES`` equal ``(n / LEAVES / 256, 256)`` leaves of standard normal values."""
+  rows = max(n // (LEAVES * 256), 1)
+  keys = jax.random.split(jax.random.PRNGKey(seed), LEAVES)
+  return [jax.random.normal(k, (rows, 256), jnp.float32).astype(dtype) for k in keys]
+
+
+def jit_step(tx: optax.GradientTransformation) -> Any:
+  """One optimizer step ``(params, state, grads) -> (params, state)``, params and state donated."""
+
+  def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+    updates, state = tx.update(grads, state, params)
+    return optax.apply_updates(params, updates), state
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def roofline_kernel() -> Callable[..., Any]:
+  """The bandwidth probe: ``b = 0.9 b + g`` in place (STREAM's triad; 3 itemsizes per param).
+
+  One fused elementwise kernel per leaf, b donated; ``params`` passes through
+  untouched so the probe runs in the same harness as the optimizers.
+  """
+
+  def kernel(params: Any, buf: Any, grads: Any) -> tuple[Any, Any]:
+    return params, jax.tree.map(lambda b, g: b * 0.9 + g, buf, grads)
+
+  return jax.jit(kernel, donate_argnums=(0, 1))
+
+
+class JaxRunner:
+  """A donated, jitted step applied again and again to its own params and state."""
+
+  def __init__(self, fn: Callable[..., Any], params: Any, state: Any, grads: Any):
+    self.fn, self.params, self.state, self.grads = fn, params, state, grads
+
+  def __call__(self, inner: int) -> None:
+    p, s = self.params, self.state
+    for _ in range(inner):
+      p, s = self.fn(p, s, self.grads)
+    jax.block_until_ready((p, s))
+    self.params, self.state = p, s
+
+  def reallocate(self) -> None:
+    """Moves params and state to freshly allocated buffers (see `time_interleaved`)."""
+    self.params, self.state = jax.block_until_ready(
+      jax.tree.map(jnp.copy, (self.params, self.state))
+    )
+
+
+def jax_runner(tx: optax.GradientTransformation, params: Any, grads: Any) -> JaxRunner:
+  params = jax.tree.map(jnp.copy, params)
+  # A state whose fields share one array (one zero for several counters) cannot be donated.
+  state = jax.tree.map(jnp.copy, tx.init(params))
+  return JaxRunner(jit_step(tx), params, state, grads)
+
+
+def kernel_runner(params: Any, grads: Any) -> JaxRunner:
+  params = jax.tree.map(jnp.copy, params)
+  return JaxRunner(roofline_kernel(), params, jax.tree.map(jnp.zeros_like, params), grads)
+
+
+class TorchRunner:
+  """``clip_grad_norm_(foreach=True)`` then ``SGD(momentum, foreach=True).step()``."""
+
+  def __init__(self, params: Any, grads: Any, threads: int):
+    import torch  # optional: never a library dependency
+
+    torch.set_num_threads(threads)
+    self.torch = torch
+
+    def to_torch(x: jax.Array) -> Any:
+      t = torch.from_numpy(np.array(x.astype(jnp.float32)))
+      return t.to(getattr(torch, jnp.dtype(x.dtype).name))
+
+    self.params = [torch.nn.Parameter(to_torch(p)) for p in params]
+    for p, g in zip(self.params, grads, strict=True):
+      p.grad = to_torch(g)
+    self.opt = torch.optim.SGD(self.params, lr=LEARNING_RATE, momentum=MOMENTUM, foreach=True)
+
+  def __call__(self, inner: int) -> None:
+    for _ in range(inner):
+      self.torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM, foreach=True)
+      self.opt.step()
+
+  def reallocate(self) -> None:
+    """Moves params, grads and momentum buffers to freshly allocated memory."""
+    for p in self.params:
+      p.data = p.data.clone()
+      if p.grad is not None:
+        p.grad = p.grad.clone()
+      state = self.opt.state.get(p, {})
+      if state.get("momentum_buffer") is not None:
+        state["momentum_buffer"] = state["momentum_buffer"].clone()
+
+
+def torch_available() -> bool:
+  try:
+    import torch  # noqa: F401
+  except ImportError:
+    return False
+  return True
+
+
+def time_interleaved(
+  runners: dict[str, Callable[[int], None]], *, repeats: int, warmup: int, min_sample_s: float
+) -> dict[str, list[float]]:
+  """Seconds per step of each runner: ``repeats`` samples, variants interleaved in each round.
+
+  Each runner is warmed up (compiling) ``warmup`` times; then the number of
+  steps per sample is set so the slowest variant's sample lasts about
+  ``min_sample_s``. Each round visits the variants in a fresh random order,
+  so a burst of load from elsewhere falls on all of them alike and no variant
+  always follows the same one (a slow variant slows the next sample down: a
+  fixed rotation made one variant 10% slower than an identical copy of
+  itself). Halfway through,
+  every runner moves its buffers to fresh memory in reverse order of
+  creation: where a buffer lands (pages reused from an earlier size, or fresh
+  ones) changes a kernel's speed by several percent, and this spreads that
+  effect over all variants instead of letting it favour one.
+  """
+  first = {}
+  for name, run in runners.items():
+    for _ in range(warmup):
+      t = time.perf_counter()
+      run(1)
+      first[name] = time.perf_counter() - t
+  inner = max(1, int(np.ceil(min_sample_s / max(max(first.values()), 1e-6))))
+  names = list(runners)
+  samples: dict[str, list[float]] = {name: [] for name in names}
+  rng = np.random.default_rng(0)
+  for r in range(repeats):
+    if r == repeats // 2:
+      for name in reversed(names):
+        getattr(runners[name], "reallocate", lambda: None)()
+    for name in rng.permutation(names):
+      t = time.perf_counter()
+      runners[name](inner)
+      samples[name].append((time.perf_counter() - t) / inner)
+  return samples
+
+
+def compile_seconds(tx: optax.GradientTransformation, params: Any, grads: Any) -> float:
+  """Wall time to trace, lower and compile one donated step of ``tx`` (a fresh jit each call)."""
+  state = tx.init(params)
+  t = time.perf_counter()
+  jit_step(tx).lower(params, state, grads).compile()
+  return time.perf_counter() - t
+
+
+def compile_tree(leaves: int) -> list[jax.Array]:
+  """``leaves`` small leaves of assorted shapes, like a deep model's parameters."""
+  shapes = [(8,), (4, 8), (16, 4), (2, 3, 4)]
+  return [jnp.ones(shapes[i % len(shapes)], jnp.float32) * (i + 1) for i in range(leaves)]
+
+
+# ----------------------------------------------------------------------------------------------
+# The benchmark.
+
+
+@dataclasses.dataclass
+class Config:
+  sizes: tuple[int, ...]
+  bf16_size: int
+  overhead_size: int
+  compile_leaves: int
+  repeats: int
+  warmup: int
+  min_sample_s: float
+  compile_repeats: int
+  torch: bool
+  quick: bool
+
+
+def _median_ms(xs: Sequence[float]) -> float:
+  return 1e3 * statistics.median(xs)
+
+
+def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
+  """The median over rounds of ``a``'s time over ``b``'s in the same round.
+
+  Both ran back to back in each round, so load from elsewhere that drifts
+  between rounds cancels in each ratio.
+  """
+  return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
+
+
+def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
+  """Rows (a)-(d) at one size and dtype."""
+  params, grads = make_tree(n, dtype, 0), make_tree(n, dtype, 1)
+  ours_name, ours_tx = ours()
+  runners: dict[str, Callable[[int], None]] = {
+    "kernel": kernel_runner(params, grads),
+    "ours": jax_runner(ours_tx, params, grads),
+    "optax": jax_runner(optax_chain(), params, grads),
+  }
+  if cfg.torch:
+    runners["torch"] = TorchRunner(params, grads, threads)
+  del params
+  samples = time_interleaved(
+    runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
+  )
+  del runners
+  gc.collect()
+  ms = {k: _median_ms(v) for k, v in samples.items()}
+  itemsize = jnp.dtype(dtype).itemsize
+  bandwidth = KERNEL_BYTES_PER_PARAM * itemsize * n / (ms["kernel"] * 1e-3)
+  roofline_ms = 1e3 * BYTES_PER_PARAM * itemsize * n / bandwidth
+  row = {
+    "params": n,
+    "dtype": jnp.dtype(dtype).name,
+    "ours": ours_name,
+    "ours_ms": ms["ours"],
+    "optax_ms": ms["optax"],
+    "kernel_ms": ms["kernel"],
+    "bandwidth_GBps": bandwidth / 1e9,
+    "roofline_ms": roofline_ms,
+    "ours_over_optax": paired_ratio(samples, "ours", "optax"),
+    "roofline_fraction": BYTES_PER_PARAM
+    / KERNEL_BYTES_PER_PARAM
+    / paired_ratio(samples, "ours", "kernel"),
+    "torch_ms": ms.get("torch"),
+    "ours_over_torch": paired_ratio(samples, "ours", "torch") if "torch" in ms else None,
+    "samples_ms": {k: [1e3 * x for x in v] for k, v in samples.items()},
+  }
+  return row
+
+
+def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
+  """Row (e): each variant's time over the plain clip's (and the plain clip's over stats-free)."""
+  params, grads = make_tree(n, jnp.float32, 0), make_tree(n, jnp.float32, 1)
+  runners: dict[str, Callable[[int], None]] = {
+    name: jax_runner(make(), params, grads) for name, make in overhead_variants().items()
+  }
+  del params
+  samples = time_interleaved(
+    runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
+  )
+  del runners
+  gc.collect()
+  ms = {k: _median_ms(v) for k, v in samples.items()}
+  base = "clip_by_global_norm"
+  overhead = {"statistics": paired_ratio(samples, base, "stats-free clip") - 1.0}
+  for name in ms:
+    if name not in (base, "stats-free clip"):
+      overhead[name] = paired_ratio(samples, name, base) - 1.0
+  samples_ms = {k: [1e3 * x for x in v] for k, v in samples.items()}
+  return {"params": n, "ms": ms, "overhead": overhead, "samples_ms": samples_ms}
+
+
+def bench_compile(cfg: Config) -> dict[str, Any]:
+  """Row (f): compile time of a step on a ``compile_leaves``-leaf tree, ours against optax."""
+  params = compile_tree(cfg.compile_leaves)
+  grads = jax.tree.map(lambda x: x * 0.5, params)
+  makers = {"ours": lambda: ours()[1], "optax": optax_chain}
+  times: dict[str, list[float]] = {k: [] for k in makers}
+  for _ in range(cfg.compile_repeats):
+    for name, make in makers.items():
+      times[name].append(compile_seconds(make(), params, grads))
+  s = {k: statistics.median(v) for k, v in times.items()}
+  return {
+    "leaves": cfg.compile_leaves,
+    "ours_s": s["ours"],
+    "optax_s": s["optax"],
+    "ours_over_optax": statistics.median(
+      x / y for x, y in zip(times["ours"], times["optax"], strict=True)
+    ),
+    "samples_s": times,
+  }
+
+
+def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
+  """DESIGN §6, target by target: the measured ratio, the limit, and whether it is met."""
+  out = []
+
+  def add(name: str, where: str, value: float | None, limit: float, below: bool) -> None:
+    if value is None:
+      return
+    met = value <= limit if below else value >= limit
+    op = "<=" if below else ">="
+    out.append(
+      {"target": name, "where": where, "value": value, "limit": f"{op} {limit:g}", "met": bool(met)}
+    )
+
+  big = [r for r in results["step"] if r["dtype"] == "float32"]
+  big_sizes = [r for r in big if r["params"] >= 16 * MiB] or big[-1:]
+  for r in big_sizes:
+    where = f"{_size(r['params'])} f32"
+    add("time / optax chain", where, r["ours_over_optax"], 1.0, True)
+    add("fraction of roofline", where, r["roofline_fraction"], 0.9, False)
+  for r in results["step"]:
+    add("time / PyTorch", f"{_size(r['params'])} {r['dtype']}", r["ours_over_torch"], 0.7, True)
+  ov = results["overhead"]
+  where = f"{_size(ov['params'])} f32"
+  add("statistics overhead", where, ov["overhead"]["statistics"], 0.02, True)
+  for name, value in ov["overhead"].items():
+    if name not in ("statistics", CONTROL):
+      add(f"{name} overhead", where, value, 0.05, True)
+  c = results["compile"]
+  add("compile time / optax", f"{c['leaves']} leaves", c["ours_over_optax"], 1.0, True)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Reporting.
+
+
+def _size(n: int) -> str:
+  if n % MiB == 0:
+    return f"{n // MiB}M"
+  return f"{n // 1024}K" if n % 1024 == 0 else str(n)
+
+
+def _parse_size(text: str) -> int:
+  text = text.strip().upper()
+  mult = {"K": 1024, "M": MiB, "G": 1024 * MiB}.get(text[-1:], 1)
+  n = int(float(text.rstrip("KMG")) * mult)
+  unit = LEAVES * 256
+  if n <= 0 or n % unit:
+    raise argparse.ArgumentTypeError(f"size must be a positive multiple of {unit}, got {text!r}")
+  return n
+
+
+def _fmt(x: float | None, spec: str) -> str:
+  return "—" if x is None else format(x, spec)
+
+
+def format_tables(results: dict[str, Any]) -> str:
+  """The results as Markdown tables, ready to paste into the README."""
+  m = results["machine"]
+  lines = [
+    f"optax_momclip bench — {results['date']} — {m['cpu']}, {m['threads']} threads, "
+    f"{m['backend']} — jax {m['jax']}, optax {m['optax']}, torch {m['torch'] or 'absent'}",
+    f"command: `{results['command']}`"
+    + ("  (QUICK: smoke run, numbers meaningless)" if results["config"]["quick"] else ""),
+    f"ours = {results['step'][0]['ours']}; times: median of {results['config']['repeats']} "
+    "interleaved rounds after warm-up; ratios: median of the per-round ratios; roofline: "
+    f"{BYTES_PER_PARAM} itemsizes/param at the bandwidth of `b = 0.9 b + g` (donated)",
+    "",
+    "| params | dtype | ours ms | optax ms | ours/optax | roofline ms (GB/s) | of roofline "
+    "| torch ms | ours/torch |",
+    "|---|---|---|---|---|---|---|---|---|",
+  ]
+  for r in results["step"]:
+    lines.append(
+      f"| {_size(r['params'])} | {r['dtype']} | {r['ours_ms']:.2f} | {r['optax_ms']:.2f} "
+      f"| {r['ours_over_optax']:.3f} | {r['roofline_ms']:.2f} ({r['bandwidth_GBps']:.1f}) "
+      f"| {r['roofline_fraction']:.3f} | {_fmt(r['torch_ms'], '.2f')} "
+      f"| {_fmt(r['ours_over_torch'], '.3f')} |"
+    )
+  ov = results["overhead"]
+  lines += ["", f"| overhead at {_size(ov['params'])} f32 | ms | overhead |", "|---|---|---|"]
+  for name, t in ov["ms"].items():
+    if name == "clip_by_global_norm":
+      note = f"{ov['overhead']['statistics']:+.1%} vs stats-free (statistics)"
+    elif name == "stats-free clip":
+      note = "—"
+    else:
+      note = f"{ov['overhead'][name]:+.1%} vs clip_by_global_norm"
+      if name == CONTROL:
+        note += " (noise floor: same transformation)"
+    lines.append(f"| {name} (+trace+scale) | {t:.2f} | {note} |")
+  c = results["compile"]
+  lines += [
+    "",
+    f"| compile, {c['leaves']}-leaf tree | ours s | optax s | ours/optax |",
+    "|---|---|---|---|",
+    f"| trace+lower+compile | {c['ours_s']:.2f} | {c['optax_s']:.2f} "
+    f"| {c['ours_over_optax']:.3f} |",
+    "",
+    "| target (DESIGN §6) | where | measured | limit | met |",
+    "|---|---|---|---|---|",
+  ]
+  for t in results["targets"]:
+    lines.append(
+      f"| {t['target']} | {t['where']} | {t['value']:.3f} | {t['limit']} "
+      f"| {'yes' if t['met'] else 'NO'} |"
+    )
+  return "\n".join(lines)
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+  cpu = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo") as f:
+      cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+  except OSError:
+    pass
+  torch_version = None
+  if torch_available():
+    import torch
+
+    torch_version = torch.__version__
+  dev = jax.devices()[0]
+  return {
+    "cpu": cpu,
+    "threads": threads,
+    "backend": f"{dev.platform} ({getattr(dev, 'device_kind', '')})",
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "optax": optax.__version__,
+    "optax_momclip": omc.__version__,
+    "torch": torch_version,
+  }
+
+
+def xla_threads() -> int:
+  """The threads XLA's CPU client runs on: the CPUs this process may use."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(
+    prog="python -m optax_momclip bench",
+    description="Time momclip_sgd against optax, PyTorch and the memory roofline (DESIGN §6).",
+  )
+  p.add_argument("--quick", action="store_true", help="tiny smoke run (seconds; numbers are noise)")
+  p.add_argument(
+    "--sizes",
+    type=lambda s: tuple(map(_parse_size, s.split(","))),
+    default=None,
+    help="float32 sizes, e.g. 1M,16M,64M (default)",
+  )
+  p.add_argument("--repeats", type=int, default=None, help="timed samples per variant")
+  p.add_argument("--no-torch", action="store_true", help="skip PyTorch even when installed")
+  p.add_argument("--json", default="momclip_out/bench.json", help="where to write the results")
+  return p.parse_args(argv)
+
+
+def make_config(args: argparse.Namespace) -> Config:
+  torch_ok = not args.no_torch and torch_available()
+  if args.quick:
+    small = 64 * 1024
+    return Config(
+      sizes=args.sizes or (small,),
+      bf16_size=small,
+      overhead_size=small,
+      compile_leaves=50,
+      repeats=args.repeats or 3,
+      warmup=1,
+      min_sample_s=0.002,
+      compile_repeats=1,
+      torch=torch_ok,
+      quick=True,
+    )
+  return Config(
+    sizes=args.sizes or (MiB, 16 * MiB, 64 * MiB),
+    bf16_size=16 * MiB,
+    overhead_size=16 * MiB,
+    compile_leaves=1000,
+    repeats=args.repeats or 21,
+    warmup=2,
+    min_sample_s=0.05,
+    compile_repeats=3,
+    torch=torch_ok,
+    quick=False,
+  )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs the benchmark, prints its tables and writes its JSON; returns the exit status."""
+  args = parse_args(sys.argv[1:] if argv is None else argv)
+  cfg = make_config(args)
+  threads = xla_threads()
+  results: dict[str, Any] = {
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    "command": "python -m optax_momclip bench " + " ".join(sys.argv[1:] if argv is None else argv),
+    "machine": machine_info(threads),
+    "config": dataclasses.asdict(cfg),
+    "step": [],
+  }
+  plan = [(n, jnp.float32) for n in cfg.sizes] + [(cfg.bf16_size, jnp.bfloat16)]
+  for n, dtype in plan:
+    print(f"[bench] step, {_size(n)} {jnp.dtype(dtype).name} ...", file=sys.stderr, flush=True)
+    results["step"].append(bench_step(n, dtype, cfg, threads))
+  print(f"[bench] overhead, {_size(cfg.overhead_size)} ...", file=sys.stderr, flush=True)
+  results["overhead"] = bench_overhead(cfg.overhead_size, cfg)
+  print(f"[bench] compile, {cfg.compile_leaves} leaves ...", file=sys.stderr, flush=True)
+  results["compile"] = bench_compile(cfg)
+  results["targets"] = targets(results)
+  print(format_tables(results))
+  if args.json:
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    with open(args.json, "w") as f:
+      json.dump(results, f, indent=1)
+    print(f"\nwrote {args.json}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,114 @@
+"""The benchmark runs end to end (`--quick` smoke run) and compares like with like."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import optax_momclip as omc
+from optax_momclip import _bench
+
+
+def test_quick_run_writes_every_row(tmp_path, capsys):
+  out = tmp_path / "bench.json"
+  assert _bench.main(["--quick", "--json", str(out)]) == 0
+  res = json.loads(out.read_text())
+  printed = capsys.readouterr().out
+  assert "| target (DESIGN §6) |" in printed and str(out) in printed
+  assert res["config"]["quick"] and res["machine"]["threads"] >= 1
+  assert [r["dtype"] for r in res["step"]] == ["float32", "bfloat16"]
+  has_torch = res["machine"]["torch"] is not None
+  for r in res["step"]:
+    for key in ("ours_ms", "optax_ms", "kernel_ms", "roofline_ms", "bandwidth_GBps"):
+      assert math.isfinite(r[key]) and r[key] > 0, key
+    assert (r["torch_ms"] is not None) == has_torch
+    assert len(r["samples_ms"]["ours"]) == res["config"]["repeats"]
+  assert {"clip_by_global_norm", "stats-free clip"} <= set(res["overhead"]["ms"])
+  assert res["compile"]["leaves"] == 50 and res["compile"]["ours_s"] > 0
+  names = {t["target"] for t in res["targets"]}
+  assert {"time / optax chain", "fraction of roofline", "statistics overhead"} <= names
+  assert ("time / PyTorch" in names) == has_torch
+  assert "compile time / optax" in names
+
+
+def test_targets_compare_against_the_design_limits():
+  step = {
+    "params": 16 * 2**20,
+    "dtype": "float32",
+    "ours_over_optax": 0.95,
+    "roofline_fraction": 0.85,
+    "ours_over_torch": None,
+  }
+  res = {
+    "step": [step],
+    "overhead": {"params": 16 * 2**20, "overhead": {"statistics": 0.03, "zclip": 0.01}},
+    "compile": {"leaves": 1000, "ours_over_optax": 1.0},
+  }
+  got = {t["target"]: t["met"] for t in _bench.targets(res)}
+  assert got == {
+    "time / optax chain": True,
+    "fraction of roofline": False,
+    "statistics overhead": False,
+    "zclip overhead": True,
+    "compile time / optax": True,
+  }
+
+
+def test_compared_variants_compute_the_same_step():
+  """Ours, optax's chain and the stats-free clip give the same params; the probe is b = .9b + g."""
+  params = _bench.make_tree(_bench.LEAVES * 256, jnp.float32, 0)
+  grads = _bench.make_tree(_bench.LEAVES * 256, jnp.float32, 1)
+  txs = [_bench.ours()[1], _bench.optax_chain(), _bench._omc_chain(_bench.stats_free_clip())]
+  results = []
+  for tx in txs:
+    p = jax.tree.map(jnp.copy, params)
+    s = tx.init(p)
+    step = _bench.jit_step(tx)
+    for _ in range(2):
+      p, s = step(p, s, grads)
+    results.append(p)
+  for other in results[1:]:
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(other), strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+  copy = lambda t: jax.tree.map(jnp.copy, t)
+  p, b = _bench.roofline_kernel()(copy(params), copy(grads), grads)
+  np.testing.assert_allclose(np.asarray(b[0]), 1.9 * np.asarray(grads[0]), rtol=1e-6)
+  np.testing.assert_array_equal(np.asarray(p[0]), np.asarray(params[0]))
+
+
+def test_torch_runner_matches_ours():
+  torch = pytest.importorskip("torch")
+  del torch
+  n = _bench.LEAVES * 256
+  params, grads = _bench.make_tree(n, jnp.float32, 0), _bench.make_tree(n, jnp.float32, 1)
+  runner = _bench.TorchRunner(params, grads, threads=1)
+  tx = _bench.ours()[1]
+  p = jax.tree.map(jnp.copy, params)
+  s = tx.init(p)
+  step = _bench.jit_step(tx)
+  for i in range(3):
+    runner(1)
+    if i == 1:
+      runner.reallocate()  # fresh memory must not change the optimizer's state
+    p, s = step(p, s, grads)
+  # torch adds 1e-6 to the norm, and its clipped grads are clipped again (norm 1 -> ~1).
+  for a, b in zip(jax.tree.leaves(p), runner.params, strict=True):
+    np.testing.assert_allclose(np.asarray(a), b.detach().numpy(), rtol=1e-5, atol=1e-6)
+  assert omc.global_norm(grads) > 10 * _bench.MAX_NORM  # the clip is active in the bench
+
+
+def test_global_norm_hlo_grows_linearly_with_leaves():
+  """Compile time of row (f): no kernel of the compiled norm takes every leaf's scalar as input.
+
+  Scaling each leaf of the overflow rescue by the global maximum made XLA copy the cross-leaf
+  max into every leaf's kernel, so the HLO (and compile time) grew with the square of the leaf
+  count: 1000 leaves took minutes to compile.
+  """
+  sizes = {}
+  for leaves in (50, 100):
+    hlo = jax.jit(omc.global_norm).lower(_bench.compile_tree(leaves)).compile().as_text()
+    sizes[leaves] = hlo.count("parameter(")
+  assert sizes[100] < 2.5 * sizes[50], sizes
