@@ -140,19 +140,20 @@ def skip_bad_steps(
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> SkipBadStepsState:
-    zero = jnp.zeros([], jnp.int32)
+    # A fresh array per field: one array in two fields cannot be donated.
+    zero = lambda: jnp.zeros([], jnp.int32)
     return SkipBadStepsState(
       inner_state=inner.init(params),
       checked_norm=jnp.zeros([], _F32),
-      steps_checked=zero,
-      steps_skipped=zero,
-      consecutive_skips=zero,
+      steps_checked=zero(),
+      steps_skipped=zero(),
+      consecutive_skips=zero(),
       last_step_skipped=jnp.zeros([], bool),
       spike_mean=jnp.zeros([], _F32),
       spike_var=jnp.zeros([], _F32),
-      spike_count=zero,
-      consecutive_spikes=zero,
-      spike_restarts=zero,
+      spike_count=zero(),
+      consecutive_spikes=zero(),
+      spike_restarts=zero(),
     )
 
   def update_fn(

@@ -130,6 +130,18 @@ def test_no_recompile_on_second_step(case: Case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_initial_state_can_be_donated(case: Case):
+  """No two state leaves share a buffer, so a jitted step can donate the state from init."""
+  tx = case.make()
+  params = _params()
+  state = tx.init(params)
+  leaves = jax.tree.leaves(state)
+  assert len({id(x) for x in leaves}) == len(leaves)
+  _, new = jax.jit(tx.update, donate_argnums=1)(_grads(0), state, params)
+  assert _dtypes(new) == _dtypes(tx.init(params))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_inject_hyperparams(case: Case):
   tx = optax.inject_hyperparams(case.factory, static_args=case.static_args)(**case.numeric)
   plain = case.factory(**case.numeric)
