@@ -63,15 +63,18 @@ def heavy_ball_leaf(
   fresh: jax.Array,
   nesterov: bool,
 ) -> tuple[jax.Array, jax.Array]:
-  """One PyTorch SGD momentum step on a leaf: ``(direction, new buffer)``, both unrounded.
+  """One PyTorch SGD momentum step on a leaf: ``(direction, new buffer)``.
 
   ``undamped`` is ``1 - dampening``; ``fresh`` (a bool scalar) marks the first
   step or a zero momentum, where PyTorch's buffer is a plain copy of ``g``.
-  Computed in `compute_dtype`.
+  Computed in `compute_dtype`; the direction is taken from the buffer as
+  stored (rounded to ``b``'s dtype), as PyTorch does with a bf16 buffer, so
+  what moves the params is exactly what the state holds.
   """
   dtype = compute_dtype(g.dtype, b.dtype)
   x, mu = g.astype(dtype), momentum.astype(dtype)
   new = jnp.where(fresh, x, mu * b.astype(dtype) + undamped.astype(dtype) * x)
+  new = new.astype(b.dtype).astype(dtype)
   return (x + mu * new if nesterov else new), new
 
 
