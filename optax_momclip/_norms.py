@@ -144,6 +144,11 @@ def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax
   dtype = jnp.result_type(jnp.float32, *(accumulation_dtype(x.dtype) for x in leaves))
   if not leaves:
     return jnp.zeros([], dtype)
+  if jax.default_backend() == "cpu":
+    # XLA:CPU otherwise fuses the norm's float32 conversion of bf16/f16 leaves with the
+    # consumers of the same gradients into slow materialised converts (a momclip_sgd
+    # step at 16M bf16 parameters: 22 ms without the barrier, 9 ms with it, f32 unchanged).
+    leaves = lax.optimization_barrier(leaves)
   if ord == 2:
     return _global_l2(leaves, dtype, axis_name)
   if ord == 1:
