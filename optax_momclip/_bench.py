@@ -281,6 +281,18 @@ def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
   return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
+def _measure(
+  runners: dict[str, Callable[[int], None]], cfg: Config
+) -> tuple[dict[str, list[float]], dict[str, float]]:
+  """Times ``runners`` interleaved: ``(samples in s, median ms)``; frees what they held."""
+  samples = time_interleaved(
+    runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
+  )
+  runners.clear()
+  gc.collect()
+  return samples, {k: _median_ms(v) for k, v in samples.items()}
+
+
 def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
   """Rows (a)-(d) at one size and dtype."""
   params, grads = make_tree(n, dtype, 0), make_tree(n, dtype, 1)
@@ -293,12 +305,7 @@ def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
   if cfg.torch:
     runners["torch"] = TorchRunner(params, grads, threads)
   del params
-  samples = time_interleaved(
-    runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
-  )
-  del runners
-  gc.collect()
-  ms = {k: _median_ms(v) for k, v in samples.items()}
+  samples, ms = _measure(runners, cfg)
   itemsize = jnp.dtype(dtype).itemsize
   bandwidth = KERNEL_BYTES_PER_PARAM * itemsize * n / (ms["kernel"] * 1e-3)
   roofline_ms = 1e3 * BYTES_PER_PARAM * itemsize * n / bandwidth
@@ -329,12 +336,7 @@ def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
     name: jax_runner(make(), params, grads) for name, make in overhead_variants().items()
   }
   del params
-  samples = time_interleaved(
-    runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
-  )
-  del runners
-  gc.collect()
-  ms = {k: _median_ms(v) for k, v in samples.items()}
+  samples, ms = _measure(runners, cfg)
   base = "clip_by_global_norm"
   overhead = {"statistics": paired_ratio(samples, base, "stats-free clip") - 1.0}
   for name in ms:

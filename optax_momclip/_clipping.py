@@ -124,13 +124,18 @@ def clip_by_value(
     del params, extra_args
     hi = jnp.asarray(max_value, _F32)
     lo = -hi if min_value is None else jnp.asarray(min_value, _F32)
-    clipped = tree_any(jax.tree.map(lambda g: (jnp.max(g) > hi) | (jnp.min(g) < lo), updates))
+    # One max and one min per leaf give both the clip decision and max|g|.
+    extremes = [
+      (jnp.max(g).astype(_F32), jnp.min(g).astype(_F32)) for g in jax.tree.leaves(updates)
+    ]
+    top = jnp.max(jnp.stack([m for m, _ in extremes])) if extremes else jnp.zeros([], _F32)
+    bottom = jnp.min(jnp.stack([m for _, m in extremes])) if extremes else jnp.zeros([], _F32)
     new = jax.tree.map(lambda g: jnp.clip(g, lo.astype(g.dtype), hi.astype(g.dtype)), updates)
     return new, ClipByValueState(
-      grad_norm=_norms.global_norm(updates, ord=jnp.inf).astype(_F32),
+      grad_norm=jnp.maximum(jnp.abs(top), jnp.abs(bottom)),
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, clipped),
+      steps_clipped=count_if(state.steps_clipped, (top > hi) | (bottom < lo)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
