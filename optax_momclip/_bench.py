@@ -115,11 +115,17 @@ def roofline_kernel() -> Callable[..., Any]:
   """The bandwidth probe: ``b = 0.9 b + g`` in place (STREAM's triad; 3 itemsizes per param).
 
   One fused elementwise kernel per leaf, b donated; ``params`` passes through
-  untouched so the probe runs in the same harness as the optimizers.
+  untouched so the probe runs in the same harness as the optimizers. The
+  arithmetic is float32 with one rounding to the leaf dtype, as in a fused
+  optimizer kernel: bf16 arithmetic would round after each operation, and on
+  XLA:CPU those conversions, not memory, would set the probe's speed.
   """
 
+  def triad(b: jax.Array, g: jax.Array) -> jax.Array:
+    return (b.astype(jnp.float32) * 0.9 + g.astype(jnp.float32)).astype(b.dtype)
+
   def kernel(params: Any, buf: Any, grads: Any) -> tuple[Any, Any]:
-    return params, jax.tree.map(lambda b, g: b * 0.9 + g, buf, grads)
+    return params, jax.tree.map(triad, buf, grads)
 
   return jax.jit(kernel, donate_argnums=(0, 1))
 
@@ -203,13 +209,15 @@ def time_interleaved(
 ) -> dict[str, list[float]]:
   """Seconds per step of each runner: ``repeats`` samples, variants interleaved in each round.
 
-  Each runner is warmed up (compiling) ``warmup`` times; then the number of
-  steps per sample is set so the slowest variant's sample lasts about
-  ``min_sample_s``. Each round visits the variants in a fresh random order,
-  so a burst of load from elsewhere falls on all of them alike and no variant
-  always follows the same one (a slow variant slows the next sample down: a
-  fixed rotation made one variant 10% slower than an identical copy of
-  itself). Halfway through,
+  Each runner is warmed up (compiling) ``warmup`` times; then each runner's
+  number of steps per sample is set so its sample lasts about
+  ``min_sample_s`` (a count set by the slowest variant left the fast ones a
+  few steps per sample, dominated by the after-effects of the variant before).
+  Each sample follows one untimed step of the same runner, which absorbs
+  those after-effects (caches, memory the previous variant freed). Each
+  round visits the variants in a fresh random order, so a burst of load from
+  elsewhere falls on all of them alike and no variant always follows the
+  same one. Halfway through,
   every runner moves its buffers to fresh memory in reverse order of
   creation: where a buffer lands (pages reused from an earlier size, or fresh
   ones) changes a kernel's speed by several percent, and this spreads that
@@ -221,7 +229,7 @@ def time_interleaved(
       t = time.perf_counter()
       run(1)
       first[name] = time.perf_counter() - t
-  inner = max(1, int(np.ceil(min_sample_s / max(max(first.values()), 1e-6))))
+  inner = {k: max(1, int(np.ceil(min_sample_s / max(v, 1e-6)))) for k, v in first.items()}
   names = list(runners)
   samples: dict[str, list[float]] = {name: [] for name in names}
   rng = np.random.default_rng(0)
@@ -230,9 +238,10 @@ def time_interleaved(
       for name in reversed(names):
         getattr(runners[name], "reallocate", lambda: None)()
     for name in rng.permutation(names):
+      runners[name](1)
       t = time.perf_counter()
-      runners[name](inner)
-      samples[name].append((time.perf_counter() - t) / inner)
+      runners[name](inner[name])
+      samples[name].append((time.perf_counter() - t) / inner[name])
   return samples
 
 

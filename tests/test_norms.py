@@ -156,3 +156,47 @@ def test_tree_norms_with_axis_follow_numpy():
 def test_property_equals_numpy_on_random_trees(leaves):
   tree = [jnp.asarray(x, jnp.float32) for x in leaves]
   np.testing.assert_allclose(omc.global_norm(tree), _np_norm(tree, 2), rtol=2e-6, atol=1e-30)
+
+
+def _many_small_leaves(scale=1.0):
+  rng = np.random.default_rng(7)
+  shapes = [(8,), (4, 8), (16, 4), (2, 3, 4)]
+  tree = [jnp.asarray(rng.normal(size=shapes[i % 4]) * scale, jnp.float32) for i in range(120)]
+  tree.append(jnp.asarray(rng.normal(size=(300, 256)) * scale, jnp.float32))  # above the cap
+  tree.append(jnp.asarray(rng.normal(size=(8,)) * scale, jnp.bfloat16))  # own dtype group
+  return tree
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e30, 1e-25])
+def test_small_leaves_summed_stacked_give_the_exact_norm(scale):
+  tree = _many_small_leaves(scale)
+  want = _np_norm([np.asarray(x, np.float32) for x in tree], 2)
+  np.testing.assert_allclose(jax.jit(omc.global_norm)(tree), want, rtol=1e-6)
+
+  # One reduction per stack, not per leaf: 4 shapes + the big leaf + the bf16 leaf.
+  jaxpr = jax.make_jaxpr(omc.global_norm)(tree).jaxpr
+  top = [e for e in jaxpr.eqns if e.primitive.name == "reduce_sum"]
+  assert len(top) == 6
+  stacked = sorted(e.invars[0].aval.shape for e in top if len(e.invars[0].aval.shape) > 1)
+  assert ((30, 2, 3, 4) in stacked) and ((30, 4, 8) in stacked)
+
+
+def test_stacks_are_capped_and_big_leaves_stay_alone():
+  cap, each = _norms._STACK_ELEMENTS, _norms._STACK_LEAF_ELEMENTS
+  small = [jnp.zeros((each,)) for _ in range(cap // each + 3)]
+  big = jnp.zeros((each + 1,))
+  parts = _norms._stacked_small_leaves([*small, big])
+  assert [p.shape for p in parts] == [big.shape, (cap // each, each), (3, each)]
+
+
+def test_stacked_leaves_sharded_alike_need_no_collective_but_an_all_reduce():
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  rng = np.random.default_rng(8)
+  tree = [jnp.asarray(rng.normal(size=(16, 8)), jnp.float32) for _ in range(6)]
+  sharded = [jax.device_put(x, NamedSharding(mesh, P("data", "model"))) for x in tree]
+  norm = jax.jit(omc.global_norm)
+  assert "f32[6,16,8]" in str(jax.make_jaxpr(omc.global_norm)(tree))  # the six are one stack
+  np.testing.assert_allclose(norm(sharded), _np_norm(tree, 2), rtol=1e-6)
+  hlo = norm.lower(sharded).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" not in hlo
+  assert "all-reduce" in hlo
