@@ -78,7 +78,8 @@ def _stacked_small_leaves(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   need no collective); its copy costs two passes over the small leaves only,
   and its cap bounds the temporaries.
   """
-  parts, groups = [], {}
+  parts: list[jax.Array] = []
+  groups: dict[tuple[tuple[int, ...], jnp.dtype], list[jax.Array]] = {}
   for x in leaves:
     if x.size > _STACK_LEAF_ELEMENTS:
       parts.append(x)
@@ -149,7 +150,10 @@ def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax
   Accumulates in float32 whatever the leaf dtypes (float64 stays float64), so
   bf16 and f16 gradients get an exact norm where optax's, summed in the leaf
   dtype, overflows. ``None`` leaves and ``optax.MaskedNode`` are skipped; an
-  empty tree has norm 0.
+  empty tree has norm 0. For ``ord=2``, leaves of at most 65,536 elements are
+  summed stacked with the leaves of the same shape and dtype (up to 4M
+  elements to a stack): one reduction per stack instead of one per leaf keeps
+  the compile time of a many-leaf model below optax's.
 
   Args:
     tree: a pytree of arrays.
