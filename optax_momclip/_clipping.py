@@ -124,18 +124,21 @@ def clip_by_value(
     del params, extra_args
     hi = jnp.asarray(max_value, _F32)
     lo = -hi if min_value is None else jnp.asarray(min_value, _F32)
-    # One max and one min per leaf give both the clip decision and max|g|.
-    extremes = [
-      (jnp.max(g).astype(_F32), jnp.min(g).astype(_F32)) for g in jax.tree.leaves(updates)
+    # One max and one min per leaf give both the clip decision and max|g|. The decision
+    # compares in the leaf's dtype, as the clip does (a float64 1 + 1e-12 is clipped to 1).
+    leaves = jax.tree.leaves(updates)
+    extremes = [(jnp.max(g), jnp.min(g)) for g in leaves]
+    clipped = [
+      (top > hi.astype(g.dtype)) | (bottom < lo.astype(g.dtype))
+      for g, (top, bottom) in zip(leaves, extremes, strict=True)
     ]
-    top = jnp.max(jnp.stack([m for m, _ in extremes])) if extremes else jnp.zeros([], _F32)
-    bottom = jnp.min(jnp.stack([m for _, m in extremes])) if extremes else jnp.zeros([], _F32)
+    largest = [jnp.maximum(jnp.abs(t), jnp.abs(b)).astype(_F32) for t, b in extremes]
     new = jax.tree.map(lambda g: jnp.clip(g, lo.astype(g.dtype), hi.astype(g.dtype)), updates)
     return new, ClipByValueState(
-      grad_norm=jnp.maximum(jnp.abs(top), jnp.abs(bottom)),
+      grad_norm=jnp.max(jnp.stack(largest)) if largest else jnp.zeros([], _F32),
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, (top > hi) | (bottom < lo)),
+      steps_clipped=count_if(state.steps_clipped, tree_any(clipped)),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

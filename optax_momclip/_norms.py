@@ -74,17 +74,20 @@ def _stacked_small_leaves(leaves: Sequence[jax.Array]) -> list[jax.Array]:
   A model's many small leaves (biases, norm scales) would each cost a
   reduction kernel, twice (the rescue branch is compiled even though it rarely
   runs): a 1000-leaf step compiled in twice optax's time. A stack keeps each
-  leaf's own axes, and so their sharding (same-shaped leaves sharded alike
-  need no collective); its copy costs two passes over the small leaves only,
-  and its cap bounds the temporaries.
+  leaf's own axes, and so their sharding: only leaves sharded alike are
+  stacked (on an explicit mesh the sharding is part of the group's key), and
+  they need no collective. Its copy costs two passes over the small leaves
+  only; the cap bounds the size of each stack.
   """
   parts: list[jax.Array] = []
-  groups: dict[tuple[tuple[int, ...], jnp.dtype], list[jax.Array]] = {}
+  groups: dict[tuple[Any, ...], list[jax.Array]] = {}
   for x in leaves:
     if x.size > _STACK_LEAF_ELEMENTS:
       parts.append(x)
     else:
-      groups.setdefault((x.shape, jnp.dtype(x.dtype)), []).append(x)
+      # Leaves sharded differently on an explicit mesh cannot be stacked.
+      sharding = getattr(jax.typeof(x), "sharding", None)
+      groups.setdefault((x.shape, jnp.dtype(x.dtype), sharding), []).append(x)
   for group in groups.values():
     per_stack = max(1, _STACK_ELEMENTS // max(group[0].size, 1))
     for i in range(0, len(group), per_stack):
@@ -104,7 +107,7 @@ def _global_l2(leaves: Sequence[jax.Array], dtype: Any, axis_name: AxisName) -> 
     # to the global one as a vector. Scaling every leaf by the global maximum, or summing
     # the rescaled scalars one by one, makes XLA's fusion pass copy the cross-leaf scalars
     # into every kernel: compile time quadratic in the number of leaves.
-    maxes = [jnp.max(jnp.abs(x)).astype(dtype) for x in leaves]
+    maxes = [jnp.max(jnp.abs(x), initial=0).astype(dtype) for x in leaves]
     sums = [
       jnp.sum(jnp.square(x.astype(dtype) / _safe_scale(m)))
       for x, m in zip(leaves, maxes, strict=True)
@@ -122,7 +125,7 @@ def _leaf_l2(x: jax.Array, axis: Axes, keepdims: bool) -> jax.Array:
   sumsq = jnp.sum(jnp.square(x.astype(dtype)), axis=axis, keepdims=True)
 
   def scaled_sumsq() -> tuple[jax.Array, jax.Array]:
-    big = jnp.max(jnp.abs(x), axis=axis, keepdims=True).astype(dtype)
+    big = jnp.max(jnp.abs(x), axis=axis, keepdims=True, initial=0).astype(dtype)
     return big, jnp.sum(jnp.square(x.astype(dtype) / _safe_scale(big)), axis=axis, keepdims=True)
 
   norm = _rescued_l2(sumsq, x.size // max(sumsq.size, 1), scaled_sumsq, None)
@@ -138,7 +141,7 @@ def leaf_norm(
   dtype = accumulation_dtype(x.dtype)
   if ord == 1:
     return jnp.sum(jnp.abs(x.astype(dtype)), axis=axis, keepdims=keepdims)
-  return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims).astype(dtype)
+  return jnp.max(jnp.abs(x), axis=axis, keepdims=keepdims, initial=0).astype(dtype)
 
 
 def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax.Array:

@@ -341,3 +341,11 @@ def test_shard_map_clip_uses_the_global_norm():
   u, norm = f(jax.device_put(g, NamedSharding(mesh, P("d"))))
   np.testing.assert_allclose(norm, np.linalg.norm(np.asarray(g)), rtol=1e-6)
   np.testing.assert_allclose(u, np.asarray(g) / np.linalg.norm(np.asarray(g)), rtol=1e-6)
+
+
+def test_clip_by_value_counts_a_float64_clip_float32_cannot_see():
+  with jax.enable_x64(True):
+    tx = omc.clip_by_value(1.0)
+    g = {"w": jnp.array([1.0 + 1e-12, 0.5], jnp.float64)}
+    u, s = tx.update(g, tx.init(g))
+    assert u["w"][0] == 1.0 and s.steps_clipped == 1

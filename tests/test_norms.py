@@ -200,3 +200,20 @@ def test_stacked_leaves_sharded_alike_need_no_collective_but_an_all_reduce():
   hlo = norm.lower(sharded).compile().as_text()
   assert "all-gather" not in hlo and "all-to-all" not in hlo and "collective-permute" not in hlo
   assert "all-reduce" in hlo
+
+
+def test_small_leaves_sharded_differently_are_not_stacked():
+  mesh = jax.make_mesh((4, 2), ("data", "model"))
+  rng = np.random.default_rng(9)
+  tree = [jnp.asarray(rng.normal(size=(16, 16)), jnp.float32) for _ in range(2)]
+  tree += [jnp.asarray(rng.normal(size=(16,)), jnp.float32) for _ in range(2)]
+  specs = [P("data", "model"), P("model", "data"), P(), P("model")]
+  sharded = [jax.device_put(x, NamedSharding(mesh, s)) for x, s in zip(tree, specs, strict=True)]
+  np.testing.assert_allclose(jax.jit(omc.global_norm)(sharded), _np_norm(tree, 2), rtol=1e-6)
+
+
+def test_zero_size_leaves_count_for_nothing():
+  tree = {"e": jnp.zeros((0,)), "f": jnp.zeros((3, 0)), "x": jnp.array([3.0, 4.0])}
+  assert omc.global_norm(tree) == 5.0
+  assert omc.global_norm({"e": jnp.zeros((0,))}) == 0.0
+  assert omc.global_norm(tree, ord=np.inf) == 4.0
