@@ -62,14 +62,14 @@ def _safe_scale(big: jax.Array) -> jax.Array:
   return jnp.where(jnp.isfinite(big) & (big > 0), big, jnp.ones_like(big))
 
 
-# Leaves of at most this many elements are summed stacked with leaves of the same shape and
-# dtype, at most _STACK_ELEMENTS elements to a stack.
+# Leaves of at most this many elements are summed stacked with leaves of the same shape,
+# dtype and sharding, at most _STACK_ELEMENTS elements to a stack.
 _STACK_LEAF_ELEMENTS = 1 << 16
 _STACK_ELEMENTS = 1 << 22
 
 
 def _stacked_small_leaves(leaves: Sequence[jax.Array]) -> list[jax.Array]:
-  """``leaves`` with the small ones stacked by shape and dtype: the norm's reduction inputs.
+  """``leaves`` with the small ones stacked by shape, dtype and sharding: the norm's inputs.
 
   A model's many small leaves (biases, norm scales) would each cost a
   reduction kernel, twice (the rescue branch is compiled even though it rarely
@@ -85,7 +85,6 @@ def _stacked_small_leaves(leaves: Sequence[jax.Array]) -> list[jax.Array]:
     if x.size > _STACK_LEAF_ELEMENTS:
       parts.append(x)
     else:
-      # Leaves sharded differently on an explicit mesh cannot be stacked.
       sharding = getattr(jax.typeof(x), "sharding", None)
       groups.setdefault((x.shape, jnp.dtype(x.dtype), sharding), []).append(x)
   for group in groups.values():
