@@ -69,11 +69,6 @@ def stats_free_clip(max_norm: float = MAX_NORM) -> optax.GradientTransformation:
 
 
 CONTROL = "clip_by_global_norm (control)"
-# XLA:CPU's default copy insertion copies every momentum buffer of a skip_bad_steps step
-# with donated state (the select of the old state and the recomputed update both read the
-# buffer the new state overwrites); its region analysis orders the reads first instead.
-REGION_ANALYSIS = {"xla_cpu_copy_insertion_use_region_analysis": True}
-RA = " [region-analysis copy insertion]"
 
 
 def overhead_variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
@@ -106,16 +101,14 @@ def make_tree(n: int, dtype: Any, seed: int) -> list[jax.Array]:
   return [jax.random.normal(k, (rows, 256), jnp.float32).astype(dtype) for k in keys]
 
 
-def jit_step(
-  tx: optax.GradientTransformation, compiler_options: dict[str, Any] | None = None
-) -> Any:
+def jit_step(tx: optax.GradientTransformation) -> Any:
   """One optimizer step ``(params, state, grads) -> (params, state)``, params and state donated."""
 
   def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
     updates, state = tx.update(grads, state, params)
     return optax.apply_updates(params, updates), state
 
-  return jax.jit(step, donate_argnums=(0, 1), compiler_options=compiler_options)
+  return jax.jit(step, donate_argnums=(0, 1))
 
 
 def roofline_kernel() -> Callable[..., Any]:
@@ -157,16 +150,11 @@ class JaxRunner:
     )
 
 
-def jax_runner(
-  tx: optax.GradientTransformation,
-  params: Any,
-  grads: Any,
-  compiler_options: dict[str, Any] | None = None,
-) -> JaxRunner:
+def jax_runner(tx: optax.GradientTransformation, params: Any, grads: Any) -> JaxRunner:
   params = jax.tree.map(jnp.copy, params)
   # A state whose fields share one array (one zero for several counters) cannot be donated.
   state = jax.tree.map(jnp.copy, tx.init(params))
-  return JaxRunner(jit_step(tx, compiler_options), params, state, grads)
+  return JaxRunner(jit_step(tx), params, state, grads)
 
 
 def kernel_runner(params: Any, grads: Any) -> JaxRunner:
@@ -358,15 +346,12 @@ def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
     name: jax_runner(make(), params, grads) for name, make in variants.items()
   }
   base = "clip_by_global_norm"
-  if jax.default_backend() == "cpu":  # informational: not a DESIGN §6 target
-    for name in (base, "skip_bad_steps"):
-      runners[name + RA] = jax_runner(variants[name](), params, grads, REGION_ANALYSIS)
   del params
   samples, ms = _measure(runners, cfg)
   overhead = {"statistics": paired_ratio(samples, base, "stats-free clip") - 1.0}
   for name in ms:
-    if name not in (base, "stats-free clip", base + RA):
-      overhead[name] = paired_ratio(samples, name, base + RA if RA in name else base) - 1.0
+    if name not in (base, "stats-free clip"):
+      overhead[name] = paired_ratio(samples, name, base) - 1.0
   samples_ms = {k: [1e3 * x for x in v] for k, v in samples.items()}
   return {"params": n, "ms": ms, "overhead": overhead, "samples_ms": samples_ms}
 
@@ -417,7 +402,7 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   where = f"{_size(ov['params'])} f32"
   add("statistics overhead", where, ov["overhead"]["statistics"], 0.02, True)
   for name, value in ov["overhead"].items():
-    if name not in ("statistics", CONTROL) and RA not in name:
+    if name not in ("statistics", CONTROL):
       add(f"{name} overhead", where, value, 0.05, True)
   c = results["compile"]
   add("compile time / optax", f"{c['leaves']} leaves", c["ours_over_optax"], 1.0, True)
@@ -476,12 +461,10 @@ def format_tables(results: dict[str, Any]) -> str:
   for name, t in ov["ms"].items():
     if name == "clip_by_global_norm":
       note = f"{ov['overhead']['statistics']:+.1%} vs stats-free (statistics)"
-    elif name in ("stats-free clip", "clip_by_global_norm" + RA):
+    elif name == "stats-free clip":
       note = "—"
     else:
       note = f"{ov['overhead'][name]:+.1%} vs clip_by_global_norm"
-      if RA in name:
-        note += RA + " (informational)"
       if name == CONTROL:
         note += " (noise floor: same transformation)"
     lines.append(f"| {name} (+trace+scale) | {t:.2f} | {note} |")

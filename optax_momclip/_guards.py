@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from jax.extend import core as jex_core
 
 from optax_momclip import _adaptive, _metrics, _norms, _validation
 from optax_momclip._clipping import count_if
@@ -76,12 +80,16 @@ def skip_bad_steps(
   their warm-up, so a lasting change of scale is accepted rather than
   skipped forever; a non-finite step is always skipped.
 
-  ``inner.update`` is traced and run on every step, and its results are
-  selected with ``jnp.where``: on a skipped step every leaf of its state
-  keeps its old bits and the update is ``-0.0`` everywhere, which
+  ``inner.update`` runs on every step, and each value of its new state is
+  selected with ``jnp.where`` as soon as it is computed, so the update is
+  computed from the selected state: on a skipped step every leaf of the
+  state keeps its old bits and the update is ``-0.0`` everywhere, which
   ``optax.apply_updates`` adds to the params without changing a bit (even
-  ``-0.0`` params). This stays on device, works under ``vmap`` (each
-  instance decides alone) and costs no host sync. Wrap the whole optimizer
+  ``-0.0`` params); on an applied step both are those of ``inner`` bit for
+  bit. A donated state is then overwritten in place with no copy of the old
+  one, and the guard costs only the norm it checks (none when ``inner`` clips
+  by the global norm: XLA computes the two once). This stays on device, works
+  under ``vmap`` (each instance decides alone) and costs no host sync. Wrap the whole optimizer
   (the learning rate included), so nothing after it turns the skip into a
   move. With ``axis_name`` the norm is global across the mapped axis, so
   every replica takes the same decision; under ``jit`` with sharded arrays it
@@ -185,11 +193,8 @@ def skip_bad_steps(
       restart = bad & (spikes >= max_consecutive_skips)
     zero_f = jnp.zeros([], _F32)
 
-    new_updates, new_inner = inner.update(updates, state.inner_state, params, **extra_args)
-    # -0.0 is the identity of IEEE addition: p + (-0.0) == p bit for bit, -0.0 included.
-    new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.array(-0.0, u.dtype), u), new_updates)
-    new_inner = jax.tree.map(
-      lambda old, new: jnp.where(skip, old, new), state.inner_state, new_inner
+    new_updates, new_inner = _update_keeping_state(
+      inner.update, skip, updates, state.inner_state, params, extra_args
     )
     return new_updates, SkipBadStepsState(
       inner_state=new_inner,
@@ -206,6 +211,83 @@ def skip_bad_steps(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _update_keeping_state(
+  update: Callable[..., tuple[Any, Any]],
+  skip: jax.Array,
+  updates: Any,
+  state: Any,
+  params: Any,
+  extra_args: dict[str, Any],
+) -> tuple[Any, Any]:
+  """``update(updates, state, params)`` whose results are ``where(skip, old, new)``.
+
+  Selecting the finished results would leave XLA two readers of each old state
+  buffer after the donated state has been overwritten in place: the select and
+  the update, which is computed from the unselected new state. XLA:CPU copies
+  every such buffer at the start of the step, which made a heavy-ball step 3.2
+  times as slow. So ``update`` is replayed from its jaxpr, and each value of
+  the new state is selected the moment it is computed: everything after it,
+  the update included, reads the selected state, and each old buffer has one
+  reader. On an applied step every selected value is the new one bit
+  for bit, so the results are exactly those of ``update``; on a skipped step
+  the state is the old one and the update ``-0.0``, whatever was computed.
+  """
+  closed, (shape_updates, shape_state) = jax.make_jaxpr(
+    lambda u, s, p: update(u, s, p, **extra_args), return_shape=True
+  )(updates, state, params)
+  chex.assert_trees_all_equal_structs(
+    shape_state,
+    state,
+    custom_message="skip_bad_steps: inner.update returned a state of another structure",
+  )
+  jaxpr = closed.jaxpr
+  n_updates = len(jax.tree.leaves(shape_updates))
+  old_state = jax.tree.leaves(state)
+  state_vars = jaxpr.outvars[n_updates:]
+  # The old value each new-state variable is selected against (the first, where one
+  # variable is returned in several fields; the others are selected again below).
+  keep: dict[jex_core.Var, Any] = {}
+  new_types = jax.tree.leaves(shape_state)
+  for var, old, new in zip(state_vars, old_state, new_types, strict=True):
+    same_type = (np.shape(old), jnp.result_type(old)) == (new.shape, new.dtype)
+    if isinstance(var, jex_core.Var) and same_type:
+      keep.setdefault(var, old)
+
+  env: dict[jex_core.Var, Any] = {}
+
+  def read(var: Any) -> Any:
+    return var.val if isinstance(var, jex_core.Literal) else env[var]
+
+  def write(var: jex_core.Var, value: Any) -> None:
+    env[var] = jnp.where(skip, keep[var], value) if var in keep else value
+
+  for var, value in zip(jaxpr.constvars, closed.consts, strict=True):
+    write(var, value)
+  for var, value in zip(jaxpr.invars, jax.tree.leaves((updates, state, params)), strict=True):
+    write(var, value)
+  for eqn in jaxpr.eqns:
+    with eqn.ctx.manager:
+      out = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
+    out = out if eqn.primitive.multiple_results else [out]
+    for var, value in zip(eqn.outvars, out, strict=True):
+      write(var, value)
+
+  new_state = []
+  for var, old in zip(state_vars, old_state, strict=True):
+    value = read(var)
+    selected = isinstance(var, jex_core.Var) and keep.get(var) is old
+    new_state.append(value if selected else jnp.where(skip, old, value))
+  # -0.0 is the identity of IEEE addition: p + (-0.0) == p bit for bit, -0.0 included.
+  new_updates = [
+    jnp.where(skip, jnp.array(-0.0, jnp.result_type(u)), u)
+    for u in map(read, jaxpr.outvars[:n_updates])
+  ]
+  return (
+    jax.tree.unflatten(jax.tree.structure(shape_updates), new_updates),
+    jax.tree.unflatten(jax.tree.structure(state), new_state),
+  )
 
 
 _metrics.register(

@@ -1,5 +1,7 @@
 """skip_bad_steps: a skipped step changes no bit of the params or the inner state."""
 
+from typing import Any, NamedTuple
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -289,3 +291,100 @@ def test_bad_arguments_raise(kwargs, err, match):
   kwargs = {"inner": optax.sgd(0.1), **kwargs}
   with pytest.raises(err, match=match):
     omc.skip_bad_steps(**kwargs)
+
+
+def _select_after(inner):
+  """The plain formulation, as an oracle: run ``inner``, then select its finished results."""
+
+  def update(g, s, p=None, **extra):
+    skip = ~jnp.isfinite(optax.tree.norm(g))
+    u, new = optax.with_extra_args_support(inner).update(g, s, p, **extra)
+    u = jax.tree.map(lambda x: jnp.where(skip, -0.0, x), u)
+    return u, jax.tree.map(lambda o, n: jnp.where(skip, o, n), s, new)
+
+  return update
+
+
+class _AwkwardState(NamedTuple):
+  trace: Any
+  twin: Any  # the same new value as `trace`, from another old value
+  kept: Any  # passed through
+  const: jax.Array  # a constant, whatever the step
+  count: jax.Array
+
+
+def _awkward_inner(lr):
+  """A state whose fields share, pass through or ignore values; ``lr`` may be a tracer."""
+
+  def init(p):
+    return _AwkwardState(
+      trace=jax.tree.map(jnp.zeros_like, p),
+      twin=jax.tree.map(lambda x: jnp.full_like(x, 2.0), p),
+      kept=jax.tree.map(lambda x: x + 1.0, p),
+      const=jnp.float32(7.0),
+      count=jnp.int32(0),
+    )
+
+  def update(g, s, p=None, *, scale, value_fn):
+    new = jax.tree.map(lambda t, x: 0.5 * t + scale * x, s.trace, g)
+    u = jax.tree.map(lambda t: -lr * t * value_fn(s.count), new)
+    return u, _AwkwardState(new, new, s.kept, jnp.float32(3.0), s.count + 1)
+
+  return optax.GradientTransformationExtraArgs(init, update)
+
+
+@pytest.mark.parametrize("bad", [None, np.nan], ids=["applied", "skipped"])
+def test_the_state_selected_as_computed_equals_the_results_selected_after(bad):
+  params = jax.tree.map(jnp.ones_like, U)
+  g = U if bad is None else {"w": U["w"], "b": U["b"].at[1].set(bad)}
+
+  @jax.jit
+  def step(lr, scale, g, s):
+    extra = {"scale": scale, "value_fn": lambda c: 1.0 + c.astype(jnp.float32)}
+    ours = omc.skip_bad_steps(_awkward_inner(lr)).update(g, s, params, **extra)
+    plain = _select_after(_awkward_inner(lr))(g, s.inner_state, params, **extra)
+    return (ours[0], ours[1].inner_state), plain
+
+  s = omc.skip_bad_steps(_awkward_inner(0.1)).init(params)
+  s = s._replace(inner_state=s.inner_state._replace(trace=jax.tree.map(jnp.ones_like, params)))
+  ours, plain = step(0.1, 2.0, g, s)
+  _assert_bit_identical(ours, plain)
+  if bad is None:
+    assert float(ours[1].const) == 3.0 and int(ours[1].count) == 1
+    assert not np.array_equal(ours[1].twin["w"], s.inner_state.twin["w"])
+  else:
+    _assert_bit_identical(ours[1], s.inner_state)
+
+
+@pytest.mark.parametrize(
+  "inner",
+  [
+    lambda: optax.chain(omc.clip_by_global_norm(1.0), optax.trace(0.9), optax.scale(-0.1)),
+    lambda: omc.momclip_sgd(0.1, 0.9, max_norm=1.0),
+    lambda: optax.adamw(1e-3),
+  ],
+  ids=["optax_chain", "momclip_sgd", "adamw"],
+)
+def test_a_donated_step_copies_no_state_buffer(inner):
+  # Selecting the finished results made XLA:CPU copy every old state buffer first.
+  tx = omc.skip_bad_steps(inner())
+  params = [jnp.ones((512, 256)) * i for i in range(4)]
+
+  def step(p, s, g):
+    u, s = tx.update(g, s, p)
+    return optax.apply_updates(p, u), s
+
+  hlo = (
+    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
+  )
+  copies = [line for line in hlo.splitlines() if "f32[512,256]" in line and " copy(" in line]
+  assert not copies, copies
+
+
+def test_an_inner_state_of_another_structure_raises():
+  inner = optax.GradientTransformation(
+    lambda p: (jnp.zeros([]),), lambda g, s, p=None: (g, (jnp.zeros([]), jnp.ones([])))
+  )
+  tx = omc.skip_bad_steps(inner)
+  with pytest.raises(AssertionError, match=r"skip_bad_steps: inner\.update returned a state"):
+    tx.update(U, tx.init(U), U)
