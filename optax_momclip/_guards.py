@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 from jax.extend import core as jex_core
+from jax.extend import source_info_util
 
 from optax_momclip import _adaptive, _metrics, _norms, _validation
 from optax_momclip._clipping import count_if
@@ -80,20 +80,25 @@ def skip_bad_steps(
   their warm-up, so a lasting change of scale is accepted rather than
   skipped forever; a non-finite step is always skipped.
 
-  ``inner.update`` runs on every step, and each value of its new state is
-  selected with ``jnp.where`` as soon as it is computed, so the update is
-  computed from the selected state: on a skipped step every leaf of the
+  ``inner.update`` runs on every step: on a skipped step every leaf of its
   state keeps its old bits and the update is ``-0.0`` everywhere, which
   ``optax.apply_updates`` adds to the params without changing a bit (even
   ``-0.0`` params); on an applied step both are those of ``inner`` bit for
-  bit. A donated state is then overwritten in place with no copy of the old
-  one, and the guard costs only the norm it checks (none when ``inner`` clips
-  by the global norm: XLA computes the two once). This stays on device, works
-  under ``vmap`` (each instance decides alone) and costs no host sync. Wrap the whole optimizer
-  (the learning rate included), so nothing after it turns the skip into a
-  move. With ``axis_name`` the norm is global across the mapped axis, so
-  every replica takes the same decision; under ``jit`` with sharded arrays it
-  is global already.
+  bit. This stays on device, works under ``vmap`` (each instance decides
+  alone) and costs no host sync. Wrap the whole optimizer (the learning rate
+  included), so nothing after it turns the skip into a move. With
+  ``axis_name`` the norm is global across the mapped axis, so every replica
+  takes the same decision; under ``jit`` with sharded arrays it is global
+  already.
+
+  Under a trace, ``inner.update`` is replayed from its jaxpr and each value
+  of its new state is selected with ``jnp.where`` as soon as it is computed,
+  so the update is computed from the selected state. A donated state is then
+  overwritten in place with no copy of the old one, and the guard costs only
+  the norm it checks (nothing when ``inner`` clips by the global norm: XLA
+  computes the two once). State computed inside a nested ``jit``, ``cond``
+  or ``scan`` of ``inner`` (``optax.MultiSteps``, say) is selected when that
+  returns, which is exact but lets XLA:CPU copy those buffers again.
 
   Differs from ``optax.apply_if_finite``, which after ``max_consecutive_errors``
   applies the NaN update; here a non-finite update is never applied.
@@ -221,7 +226,7 @@ def _update_keeping_state(
   params: Any,
   extra_args: dict[str, Any],
 ) -> tuple[Any, Any]:
-  """``update(updates, state, params)`` whose results are ``where(skip, old, new)``.
+  """``update(updates, state, params)``, with its state kept and its update ``-0.0`` on a skip.
 
   Selecting the finished results would leave XLA two readers of each old state
   buffer after the donated state has been overwritten in place: the select and
@@ -230,27 +235,29 @@ def _update_keeping_state(
   times as slow. So ``update`` is replayed from its jaxpr, and each value of
   the new state is selected the moment it is computed: everything after it,
   the update included, reads the selected state, and each old buffer has one
-  reader. On an applied step every selected value is the new one bit
-  for bit, so the results are exactly those of ``update``; on a skipped step
-  the state is the old one and the update ``-0.0``, whatever was computed.
+  reader. On an applied step every selected value is the new one bit for bit,
+  so the results are exactly those of ``update``; on a skipped step the state
+  is the old one and the update ``-0.0``, whatever was computed.
   """
+  if not isinstance(skip, jax.core.Tracer):
+    # Run eagerly, nothing is donated, and ``update`` may branch on concrete values.
+    new_updates, new_state = update(updates, state, params, **extra_args)
+    _check_same_structure(state, new_state)
+    return _skipped_as_zero(skip, new_updates), jax.tree.map(
+      lambda old, new: jnp.where(skip, old, new), state, new_state
+    )
   closed, (shape_updates, shape_state) = jax.make_jaxpr(
     lambda u, s, p: update(u, s, p, **extra_args), return_shape=True
   )(updates, state, params)
-  chex.assert_trees_all_equal_structs(
-    shape_state,
-    state,
-    custom_message="skip_bad_steps: inner.update returned a state of another structure",
-  )
+  _check_same_structure(state, shape_state)
   jaxpr = closed.jaxpr
   n_updates = len(jax.tree.leaves(shape_updates))
   old_state = jax.tree.leaves(state)
   state_vars = jaxpr.outvars[n_updates:]
-  # The old value each new-state variable is selected against (the first, where one
-  # variable is returned in several fields; the others are selected again below).
+  # A variable returned in several fields is selected against the first field's old
+  # value as it is computed, and against each other field's at the end.
   keep: dict[jex_core.Var, Any] = {}
-  new_types = jax.tree.leaves(shape_state)
-  for var, old, new in zip(state_vars, old_state, new_types, strict=True):
+  for var, old, new in zip(state_vars, old_state, jax.tree.leaves(shape_state), strict=True):
     same_type = (np.shape(old), jnp.result_type(old)) == (new.shape, new.dtype)
     if isinstance(var, jex_core.Var) and same_type:
       keep.setdefault(var, old)
@@ -267,8 +274,13 @@ def _update_keeping_state(
     write(var, value)
   for var, value in zip(jaxpr.invars, jax.tree.leaves((updates, state, params)), strict=True):
     write(var, value)
+  # As `jax.core.eval_jaxpr` binds each equation, with its source and name scope.
   for eqn in jaxpr.eqns:
-    with eqn.ctx.manager:
+    name_stack = source_info_util.current_name_stack() + eqn.source_info.name_stack
+    with (
+      source_info_util.user_context(eqn.source_info.traceback, name_stack=name_stack),
+      eqn.ctx.manager,
+    ):
       out = eqn.primitive.bind(*map(read, eqn.invars), **eqn.primitive.get_bind_params(eqn.params))
     out = out if eqn.primitive.multiple_results else [out]
     for var, value in zip(eqn.outvars, out, strict=True):
@@ -279,15 +291,27 @@ def _update_keeping_state(
     value = read(var)
     selected = isinstance(var, jex_core.Var) and keep.get(var) is old
     new_state.append(value if selected else jnp.where(skip, old, value))
-  # -0.0 is the identity of IEEE addition: p + (-0.0) == p bit for bit, -0.0 included.
-  new_updates = [
-    jnp.where(skip, jnp.array(-0.0, jnp.result_type(u)), u)
-    for u in map(read, jaxpr.outvars[:n_updates])
-  ]
+  new_updates = map(read, jaxpr.outvars[:n_updates])
   return (
-    jax.tree.unflatten(jax.tree.structure(shape_updates), new_updates),
+    _skipped_as_zero(skip, jax.tree.unflatten(jax.tree.structure(shape_updates), new_updates)),
     jax.tree.unflatten(jax.tree.structure(state), new_state),
   )
+
+
+def _skipped_as_zero(skip: jax.Array, updates: Any) -> Any:
+  # -0.0 is the identity of IEEE addition: p + (-0.0) == p bit for bit, -0.0 included.
+  return jax.tree.map(lambda u: jnp.where(skip, jnp.array(-0.0, jnp.result_type(u)), u), updates)
+
+
+def _check_same_structure(state: Any, new_state: Any) -> None:
+  # Any: jaxlib ships no type stub for PyTreeDef, and mypy rejects comparing two.
+  old_def: Any = jax.tree.structure(state)
+  new_def: Any = jax.tree.structure(new_state)
+  if new_def != old_def:
+    raise ValueError(
+      "skip_bad_steps: inner.update returned a state of another structure than its input: "
+      f"{new_def} for {old_def}"
+    )
 
 
 _metrics.register(

@@ -309,51 +309,65 @@ class _AwkwardState(NamedTuple):
   trace: Any
   twin: Any  # the same new value as `trace`, from another old value
   kept: Any  # passed through
+  seen: Any  # the incoming updates themselves
   const: jax.Array  # a constant, whatever the step
   count: jax.Array
+  recast: jax.Array  # float32 in, bfloat16 out
 
 
-def _awkward_inner(lr):
-  """A state whose fields share, pass through or ignore values; ``lr`` may be a tracer."""
+def _awkward_inner(lr, jit_update=False):
+  """A state whose fields share, pass through, store or ignore values; ``lr`` may be a tracer."""
 
   def init(p):
     return _AwkwardState(
       trace=jax.tree.map(jnp.zeros_like, p),
       twin=jax.tree.map(lambda x: jnp.full_like(x, 2.0), p),
       kept=jax.tree.map(lambda x: x + 1.0, p),
+      seen=jax.tree.map(lambda x: x - 1.0, p),
       const=jnp.float32(7.0),
       count=jnp.int32(0),
+      recast=jnp.float32(5.0),
     )
 
   def update(g, s, p=None, *, scale, value_fn):
     new = jax.tree.map(lambda t, x: 0.5 * t + scale * x, s.trace, g)
-    u = jax.tree.map(lambda t: -lr * t * value_fn(s.count), new)
-    return u, _AwkwardState(new, new, s.kept, jnp.float32(3.0), s.count + 1)
+    recast = (s.recast / 2).astype(jnp.bfloat16)
+    factor = value_fn(s.count) * (recast * jnp.bfloat16(2)).astype(jnp.float32)
+    u = jax.tree.map(lambda t: -lr * t * factor, new)
+    return u, _AwkwardState(new, new, s.kept, g, jnp.float32(3.0), s.count + 1, recast)
 
-  return optax.GradientTransformationExtraArgs(init, update)
+  return optax.GradientTransformationExtraArgs(
+    init, jax.jit(update, static_argnames="value_fn") if jit_update else update
+  )
 
 
+@pytest.mark.parametrize("run", ["jit", "eager", "jitted_inner"])
 @pytest.mark.parametrize("bad", [None, np.nan], ids=["applied", "skipped"])
-def test_the_state_selected_as_computed_equals_the_results_selected_after(bad):
+def test_the_state_selected_as_computed_equals_the_results_selected_after(bad, run):
   params = jax.tree.map(jnp.ones_like, U)
   g = U if bad is None else {"w": U["w"], "b": U["b"].at[1].set(bad)}
 
-  @jax.jit
   def step(lr, scale, g, s):
     extra = {"scale": scale, "value_fn": lambda c: 1.0 + c.astype(jnp.float32)}
-    ours = omc.skip_bad_steps(_awkward_inner(lr)).update(g, s, params, **extra)
-    plain = _select_after(_awkward_inner(lr))(g, s.inner_state, params, **extra)
+    inner = lambda: _awkward_inner(lr, jit_update=run == "jitted_inner")
+    ours = omc.skip_bad_steps(inner()).update(g, s, params, **extra)
+    plain = _select_after(inner())(g, s.inner_state, params, **extra)
     return (ours[0], ours[1].inner_state), plain
 
   s = omc.skip_bad_steps(_awkward_inner(0.1)).init(params)
   s = s._replace(inner_state=s.inner_state._replace(trace=jax.tree.map(jnp.ones_like, params)))
-  ours, plain = step(0.1, 2.0, g, s)
+  ours, plain = (step if run == "eager" else jax.jit(step))(0.1, 2.0, g, s)
   _assert_bit_identical(ours, plain)
+  old = s.inner_state
   if bad is None:
     assert float(ours[1].const) == 3.0 and int(ours[1].count) == 1
-    assert not np.array_equal(ours[1].twin["w"], s.inner_state.twin["w"])
+    assert float(ours[1].recast) == 2.5
+    _assert_bit_identical(ours[1].twin, ours[1].trace)
+    _assert_bit_identical(ours[1].seen, g)
   else:
-    _assert_bit_identical(ours[1], s.inner_state)
+    _assert_bit_identical(ours[1]._replace(recast=None), old._replace(recast=None))
+    assert float(ours[1].recast) == 5.0
+    _assert_bit_identical(ours[0], jax.tree.map(lambda x: jnp.full_like(x, -0.0), U))
 
 
 @pytest.mark.parametrize(
@@ -366,25 +380,27 @@ def test_the_state_selected_as_computed_equals_the_results_selected_after(bad):
   ids=["optax_chain", "momclip_sgd", "adamw"],
 )
 def test_a_donated_step_copies_no_state_buffer(inner):
-  # Selecting the finished results made XLA:CPU copy every old state buffer first.
-  tx = omc.skip_bad_steps(inner())
   params = [jnp.ones((512, 256)) * i for i in range(4)]
 
-  def step(p, s, g):
-    u, s = tx.update(g, s, p)
-    return optax.apply_updates(p, u), s
+  def state_copies(update, state):
+    def step(p, s, g):
+      u, s = update(g, s, p)
+      return optax.apply_updates(p, u), s
 
-  hlo = (
-    jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile().as_text()
-  )
-  copies = [line for line in hlo.splitlines() if "f32[512,256]" in line and " copy(" in line]
-  assert not copies, copies
+    hlo = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, params).compile().as_text()
+    return [line for line in hlo.splitlines() if "f32[512,256]" in line and " copy" in line]
+
+  tx = omc.skip_bad_steps(inner())
+  assert not state_copies(tx.update, tx.init(params))
+  # Selecting the finished results instead makes XLA:CPU copy every old state buffer.
+  assert state_copies(_select_after(inner()), inner().init(params))
 
 
-def test_an_inner_state_of_another_structure_raises():
+@pytest.mark.parametrize("run", [jax.jit, lambda f: f], ids=["jit", "eager"])
+def test_an_inner_state_of_another_structure_raises(run):
   inner = optax.GradientTransformation(
-    lambda p: (jnp.zeros([]),), lambda g, s, p=None: (g, (jnp.zeros([]), jnp.ones([])))
+    lambda p: (jnp.zeros([]), jnp.ones([])), lambda g, s, p=None: (g, [s[0], s[1]])
   )
   tx = omc.skip_bad_steps(inner)
-  with pytest.raises(AssertionError, match=r"skip_bad_steps: inner\.update returned a state"):
-    tx.update(U, tx.init(U), U)
+  with pytest.raises(ValueError, match=r"skip_bad_steps: inner\.update returned a state of an"):
+    run(tx.update)(U, tx.init(U), U)
