@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _metrics, _norms, _validation
-from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if, range_scale, scale_tree
+from optax_momclip import _eager, _metrics, _norms, _validation
+from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
+from optax_momclip._scaling import range_scale, scale_tree
 
 _F32 = jnp.float32
 # A clip_threshold reported while no threshold applies (warm-up without a cap).
@@ -135,19 +136,19 @@ def autoclip(
     index = jnp.where(finite, (state.history_index + 1) % window, state.history_index)
     threshold = _percentile(history, size, jnp.asarray(percentile, _F32))
     threshold = jnp.where(size > 0, threshold, _NO_LIMIT)
-    scale = jnp.where(finite, range_scale(norm, threshold), 1.0)
+    scale = range_scale(norm, threshold)
     return scale_tree(updates, scale), AutoClipState(
       grad_norm=norm,
-      clip_scale=scale,
+      clip_scale=scale.value(),
       clip_threshold=threshold,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
+      steps_clipped=count_if(state.steps_clipped, scale.changes()),
       norm_history=history,
       history_size=size,
       history_index=index,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 class ZClipState(NamedTuple):
@@ -296,7 +297,7 @@ def zclip(
     trigger = state.norm_mean + z_thr * (std + _Z_EPS)
     level = jnp.where(warm, _NO_LIMIT, jnp.where(spike, clipped_norm, trigger))
     limit = jnp.minimum(jnp.where(spike, clipped_norm, _NO_LIMIT), cap)
-    scale = jnp.where(finite, range_scale(norm, limit), 1.0)
+    scale = range_scale(norm, limit)
     mean, var, count = norm_statistics(
       jnp.where(spike, clipped_norm, norm),
       finite,
@@ -308,16 +309,16 @@ def zclip(
     )
     return scale_tree(updates, scale), ZClipState(
       grad_norm=norm,
-      clip_scale=scale,
+      clip_scale=scale.value(),
       clip_threshold=jnp.minimum(level, cap).astype(_F32),
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
+      steps_clipped=count_if(state.steps_clipped, scale.changes()),
       norm_mean=mean,
       norm_var=var,
       stats_count=count,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 _metrics.register(AutoClipState, "autoclip", CLIP_STATS)

@@ -8,8 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _metrics, _norms, _validation
-from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if, range_scale, scale_leaf
+from optax_momclip import _eager, _metrics, _norms, _validation
+from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
+from optax_momclip._scaling import range_scale, scale_leaf
 
 _F32 = jnp.float32
 
@@ -109,12 +110,8 @@ def adaptive_grad_clip(
   _validation.check_scalar(fn, "eps", eps, low=0.0)
   _validation.check_axes(fn, "axis", axis)
 
-  def unit_norms(tree: Any) -> Any:
-    def one(x: jax.Array) -> jax.Array:
-      axes = _norms.unit_axes(x.ndim) if axis is None else _norms.resolve_axes(x.ndim, axis)
-      return _norms.leaf_norm(x, axis=axes, keepdims=True)
-
-    return jax.tree.map(one, tree)
+  def axes_of(x: jax.Array) -> tuple[int, ...] | None:
+    return _norms.unit_axes(x.ndim) if axis is None else _norms.resolve_axes(x.ndim, axis)
 
   def init_fn(params: Any) -> AdaptiveGradClipState:
     del params
@@ -132,19 +129,21 @@ def adaptive_grad_clip(
       raise ValueError(f"{fn}: update needs params (each unit is bounded relative to its weights)")
     _validation.check_tree_matches(fn, updates, params)
     lam, floor = jnp.asarray(clipping, _F32), jnp.asarray(eps, _F32)
-    g_norms, w_norms = unit_norms(updates), unit_norms(params)
-    scales = jax.tree.map(
-      lambda g, w: jnp.where(jnp.isfinite(g), range_scale(g, lam * jnp.maximum(w, floor)), 1.0),
-      g_norms,
-      w_norms,
-    )
-    new = jax.tree.map(scale_leaf, updates, scales)
-    clipped = jax.tree.leaves(jax.tree.map(lambda s: jnp.sum(s != 1.0, dtype=jnp.int32), scales))
-    lowest = jax.tree.leaves(jax.tree.map(jnp.min, scales))
-    units = sum(clipped, jnp.zeros([], jnp.int32))
-    return new, AdaptiveGradClipState(
-      # The L2 norm of the unit norms is the L2 norm of the whole update.
-      grad_norm=_norms.global_norm(g_norms).astype(_F32),
+    leaves, treedef = jax.tree.flatten(updates)
+    grads = [jnp.asarray(g) for g in leaves]
+    weights = [jnp.asarray(w) for w in jax.tree.leaves(params)]
+    axes = [axes_of(g) for g in grads]
+    norms = [n.astype(_F32) for n in _norms.unit_norms(grads + weights, axes + axes)]
+    g_norms, w_norms = norms[: len(grads)], norms[len(grads) :]
+    scales = [
+      range_scale(g, lam * jnp.maximum(w, floor)) for g, w in zip(g_norms, w_norms, strict=True)
+    ]
+    new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
+    moved = [jnp.sum(s.changes(), dtype=jnp.int32) for s in scales]
+    units = jnp.sum(jnp.stack(moved)) if moved else jnp.zeros([], jnp.int32)
+    lowest = [jnp.min(s.value(), initial=1.0) for s in scales]
+    return jax.tree.unflatten(treedef, new), AdaptiveGradClipState(
+      grad_norm=_norms.norm_of_norms(g_norms),
       clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones([], _F32),
       clip_threshold=lam,
       units_clipped=units,
@@ -152,7 +151,7 @@ def adaptive_grad_clip(
       steps_clipped=count_if(state.steps_clipped, units > 0),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 _metrics.register(AdaptiveGradClipState, "adaptive_grad_clip", (*CLIP_STATS, "units_clipped"))

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _metrics, _norms, _validation
+from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
 from optax_momclip._clipping import hyperparam
 from optax_momclip._momentum import (
   check_nesterov,
@@ -159,20 +159,25 @@ def momclip_sgd(
     undamped = complement(dampening, count)
     fresh = (count == 0) | (mu == 0)
     wd = jnp.asarray(weight_decay, _F32)
-    norm, scale = jnp.zeros([], _F32), jnp.ones([], _F32)
+    norm, scale = jnp.zeros([], _F32), _scaling.unit(jnp.ones([], _F32))
     if max_norm is not None:
       threshold = jnp.asarray(max_norm, _F32)
       norm = _norms.global_norm(updates).astype(_F32)
-      scale = jnp.minimum(threshold / (norm + _TORCH_NORM_EPS), 1.0)
+      scale = _torch_clip_coefficient(threshold, norm)
+
+    clip = _scaling.scaler(scale)
 
     def leaf(g: jax.Array, b: jax.Array, p: jax.Array | None) -> tuple[jax.Array, jax.Array]:
       dtype = compute_dtype(g.dtype, b.dtype)
       x = g.astype(dtype)
       if max_norm is not None:
-        x = x * scale.astype(dtype)
+        x = clip(x)
       if clip_value is not None:
-        v = jnp.asarray(clip_value, _F32).astype(dtype)
-        x = jnp.clip(x, -v, v)
+        v = jnp.asarray(clip_value, _F32)
+        if jnp.iscomplexobj(x):  # by modulus, keeping the phase
+          x = _scaling.clip_modulus(x, v)
+        else:
+          x = jnp.clip(x, -v.astype(dtype), v.astype(dtype))
       if p is not None:
         x = x + wd.astype(dtype) * p.astype(dtype)
       u, new = heavy_ball_leaf(x, b, mu, undamped, fresh, nesterov)
@@ -184,18 +189,28 @@ def momclip_sgd(
       pairs = jax.tree.map(lambda g, b: leaf(g, b, None), updates, state.momentum_buffer)
     out, buf = unzip(updates, pairs)
     steps_clipped = jnp.where(
-      scale < 1.0, optax.safe_increment(state.steps_clipped), state.steps_clipped
+      scale.changes(), optax.safe_increment(state.steps_clipped), state.steps_clipped
     )
     return out, MomclipSgdState(
       count=optax.safe_increment(count),
       momentum_buffer=buf,
       grad_norm=norm,
-      clip_scale=scale,
+      clip_scale=scale.value(),
       clip_threshold=state.clip_threshold if max_norm is None else threshold,
       steps_clipped=steps_clipped,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+
+
+def _torch_clip_coefficient(max_norm: jax.Array, norm: jax.Array) -> _scaling.Scale:
+  """``min(1, max_norm / (norm + 1e-6))``, as ``clip_grad_norm_`` computes it, exact at any norm.
+
+  A non-finite norm gives PyTorch's ``max_norm / inf = 0``, or NaN.
+  """
+  coefficient = _scaling.ratio(max_norm, norm + _TORCH_NORM_EPS)
+  above = (coefficient.power == 1) & (coefficient.factor >= 1)
+  return _scaling.where(above, _scaling.unit(norm), coefficient)
 
 
 _metrics.register(

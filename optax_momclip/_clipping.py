@@ -8,7 +8,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _metrics, _norms, _validation
+from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
+from optax_momclip._scaling import range_scale, scale_leaf, scale_tree
 from optax_momclip._validation import ScheduleOrScalar
 
 _F32 = jnp.float32
@@ -18,34 +19,6 @@ _NONFINITE = ("propagate", "zero")
 def hyperparam(value: ScheduleOrScalar, step: jax.Array) -> jax.Array:
   """A hyperparameter as a float32 scalar, evaluating a schedule at ``step``."""
   return jnp.asarray(value(step) if callable(value) else value, _F32)
-
-
-def range_scale(
-  norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | float = 0.0
-) -> jax.Array:
-  """The factor that brings a finite ``norm`` into ``[min_norm, max_norm]``.
-
-  One when the norm is in range or zero (zero stays zero), ``max_norm/norm``
-  above it, ``min_norm/norm`` below it; clamped to float32's largest value so a
-  norm near underflow cannot turn it into inf. Broadcasts over arrays of norms.
-  The caller decides what a non-finite norm means.
-  """
-  norm = norm.astype(_F32)
-  safe = jnp.where((norm > 0) & jnp.isfinite(norm), norm, 1.0)
-  target = jnp.where(norm > max_norm, max_norm, jnp.where(norm < min_norm, min_norm, norm))
-  scale = jnp.where(norm > 0, target / safe, 1.0)
-  return jnp.minimum(scale, jnp.finfo(_F32).max).astype(_F32)
-
-
-def scale_leaf(g: jax.Array, scale: jax.Array) -> jax.Array:
-  """``g * scale`` computed in float32 (or wider) and returned in ``g``'s dtype."""
-  dtype = jnp.promote_types(g.dtype, scale.dtype)
-  return (g.astype(dtype) * scale.astype(dtype)).astype(g.dtype)
-
-
-def scale_tree(tree: Any, scale: jax.Array) -> Any:
-  """Every leaf of ``tree`` times the scalar ``scale``, each in its own dtype."""
-  return jax.tree.map(lambda g: scale_leaf(g, scale), tree)
 
 
 def zeros_where(tree: Any, zero: jax.Array) -> Any:
@@ -124,24 +97,40 @@ def clip_by_value(
     del params, extra_args
     hi = jnp.asarray(max_value, _F32)
     lo = -hi if min_value is None else jnp.asarray(min_value, _F32)
-    # One max and one min per leaf give both the clip decision and max|g|. The decision
-    # compares in the leaf's dtype, as the clip does (a float64 1 + 1e-12 is clipped to 1).
-    leaves = jax.tree.leaves(updates)
-    extremes = [(jnp.max(g), jnp.min(g)) for g in leaves]
-    clipped = [
-      (top > hi.astype(g.dtype)) | (bottom < lo.astype(g.dtype))
-      for g, (top, bottom) in zip(leaves, extremes, strict=True)
-    ]
-    largest = [jnp.maximum(jnp.abs(t), jnp.abs(b)).astype(_F32) for t, b in extremes]
-    new = jax.tree.map(lambda g: jnp.clip(g, lo.astype(g.dtype), hi.astype(g.dtype)), updates)
-    return new, ClipByValueState(
+    new, largest, clipped = [], [], []
+    leaves, treedef = jax.tree.flatten(updates)
+    for g in map(jnp.asarray, leaves):
+      if jnp.iscomplexobj(g):
+        out, top, moved = _clip_modulus(g, hi)
+      else:
+        # One max and one min give both the clip decision and max|g|. The decision
+        # compares in the leaf's dtype, as the clip does (a float64 1 + 1e-12 is clipped to 1).
+        b, a = hi.astype(g.dtype), lo.astype(g.dtype)
+        out = jnp.clip(g, a, b)
+        big, small = jnp.max(g, initial=-jnp.inf), jnp.min(g, initial=jnp.inf)
+        top, moved = jnp.maximum(jnp.abs(big), jnp.abs(small)), (big > b) | (small < a)
+      new.append(out)
+      if g.size:
+        largest.append(top.astype(_F32))
+        clipped.append(moved)
+    return jax.tree.unflatten(treedef, new), ClipByValueState(
       grad_norm=jnp.max(jnp.stack(largest)) if largest else jnp.zeros([], _F32),
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, tree_any(clipped)),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  def _clip_modulus(g: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    # A complex element keeps its phase: its modulus is clipped.
+    if min_value is not None:
+      raise ValueError(
+        f"{fn}: complex updates are clipped by modulus, |z| <= max_value, so min_value must "
+        f"be None, got {min_value!r}"
+      )
+    top = jnp.max(jnp.abs(g), initial=0)
+    return _scaling.clip_modulus(g, hi), top, top > hi.astype(top.dtype)
+
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 def tree_any(tree: Any) -> jax.Array:
@@ -227,13 +216,8 @@ def clip_by_norm(
   _validation.check_ord(fn, ord)
   _validation.check_axes(fn, "axis", axis)
 
-  def norms(tree: Any, *, like: bool) -> Any:
-    if like:
-      return jax.tree.map(lambda x: jnp.zeros(_kept_shape(x.shape, axis), _F32), tree)
-    return _norms.tree_norms(tree, ord=ord, axis=axis, keepdims=axis is not None)
-
   def init_fn(params: Any) -> ClipByNormState:
-    zeros = norms(params, like=True)
+    zeros = jax.tree.map(lambda x: jnp.zeros(_kept_shape(jnp.shape(x), axis), _F32), params)
     return ClipByNormState(
       grad_norm=zeros,
       clip_scale=jax.tree.map(jnp.ones_like, zeros),
@@ -250,21 +234,26 @@ def clip_by_norm(
       fn, updates, state.grad_norm, shape_of=lambda shape: _kept_shape(shape, axis)
     )
     hi, lo = jnp.asarray(max_norm, _F32), jnp.asarray(min_norm, _F32)
-    grad_norm = norms(updates, like=False)
-    scales = jax.tree.map(
-      lambda n: jnp.where(jnp.isfinite(n), range_scale(n, hi, lo), 1.0), grad_norm
-    )
-    new = jax.tree.map(scale_leaf, updates, scales)
-    clipped = tree_any(jax.tree.map(lambda s: jnp.any(s != 1.0), scales))
-    return new, ClipByNormState(
-      grad_norm=grad_norm,
-      clip_scale=scales,
+    leaves, treedef = jax.tree.flatten(updates)
+    leaves = [jnp.asarray(g) for g in leaves]
+    axes = [_norms.resolve_axes(g.ndim, axis) for g in leaves]
+    norms = [
+      jnp.reshape(n, _kept_shape(g.shape, axis)).astype(_F32)
+      for n, g in zip(_norms.unit_norms(leaves, axes, ord=ord), leaves, strict=True)
+    ]
+    scales = [range_scale(n, hi, lo) for n in norms]
+    new = [scale_leaf(g, s) for g, s in zip(leaves, scales, strict=True)]
+    clipped = tree_any([jnp.any(s.changes()) for s in scales])
+    as_tree = lambda xs: jax.tree.unflatten(treedef, xs)
+    return as_tree(new), ClipByNormState(
+      grad_norm=as_tree(norms),
+      clip_scale=as_tree([s.value().astype(_F32) for s in scales]),
       clip_threshold=hi,
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, clipped),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 def _kept_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
@@ -370,21 +359,20 @@ def clip_by_global_norm(
     del params, extra_args
     threshold = hyperparam(max_norm, state.steps_seen)
     norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
-    finite = jnp.isfinite(norm)
     fallback = 1.0 if nonfinite == "propagate" else 0.0
-    scale = jnp.where(finite, range_scale(norm, threshold, jnp.asarray(min_norm, _F32)), fallback)
+    scale = range_scale(norm, threshold, jnp.asarray(min_norm, _F32), nonfinite=fallback)
     new = scale_tree(updates, scale)
     if nonfinite == "zero":
-      new = zeros_where(new, ~finite)
+      new = zeros_where(new, ~jnp.isfinite(norm))
     return new, ClipByGlobalNormState(
       grad_norm=norm,
-      clip_scale=scale,
+      clip_scale=scale.value().astype(_F32),
       clip_threshold=threshold,
       steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale != 1.0),
+      steps_clipped=count_if(state.steps_clipped, scale.changes()),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")

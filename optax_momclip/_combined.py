@@ -8,9 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _metrics, _norms, _validation
-from optax_momclip._clipping import hyperparam, range_scale
+from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
+from optax_momclip._clipping import hyperparam
 from optax_momclip._momentum import cast_like, complement, ema_tree, init_buffer
+from optax_momclip._scaling import range_scale
 
 _F32 = jnp.float32
 
@@ -112,17 +113,19 @@ def clipped_momentum(
     c = jnp.asarray(max_norm, _F32)
     v, one_minus_v = hyperparam(nu, state.count), complement(nu, state.count)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
-    m_norm = _norms.global_norm(new, ord=ord, axis_name=axis_name).astype(_F32)
-    g_norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
-    m_scale = jnp.where(jnp.isfinite(m_norm), range_scale(m_norm, c), 1.0)
-    g_scale = jnp.where(jnp.isfinite(g_norm), range_scale(g_norm, c), 1.0)
-    m_weight, g_weight = v * m_scale, one_minus_v * g_scale
+    m_norm, g_norm = (
+      n.astype(_F32) for n in _norms.global_norms([new, updates], ord=ord, axis_name=axis_name)
+    )
+    m_scale, g_scale = range_scale(m_norm, c), range_scale(g_norm, c)
+    m_weight, g_weight = m_scale.times(v), g_scale.times(one_minus_v)
+
+    scale_m, scale_g = _scaling.scaler(m_weight), _scaling.scaler(g_weight)
 
     def leaf(g: jax.Array, m: jax.Array) -> jax.Array:
-      out = m_weight.astype(m.dtype) * m + g_weight.astype(m.dtype) * g.astype(m.dtype)
-      return out.astype(g.dtype)
+      g = jnp.asarray(g)
+      return (scale_m(m) + scale_g(g.astype(m.dtype))).astype(g.dtype)
 
-    clipped = ((v > 0) & (m_scale != 1.0)) | ((v < 1) & (g_scale != 1.0))
+    clipped = ((v > 0) & m_scale.changes()) | ((v < 1) & g_scale.changes())
     steps_clipped = jnp.where(
       clipped, optax.safe_increment(state.steps_clipped), state.steps_clipped
     )
@@ -135,7 +138,7 @@ def clipped_momentum(
       steps_clipped=steps_clipped,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 class NormalizedMomentumState(NamedTuple):
@@ -214,15 +217,17 @@ def normalized_momentum(
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
     norm = _norms.global_norm(new, axis_name=axis_name).astype(_F32)
-    inv = 1 / jnp.maximum(norm, jnp.asarray(eps, _F32))
-    out = jax.tree.map(lambda g, m: (m * inv.astype(m.dtype)).astype(g.dtype), updates, new)
+    floor = jnp.maximum(norm, jnp.asarray(eps, _F32))
+    inv = _scaling.ratio(1.0, floor)
+    scale = _scaling.scaler(inv)
+    out = jax.tree.map(lambda g, m: scale(m).astype(jnp.asarray(g).dtype), updates, new)
     return out, NormalizedMomentumState(
       count=optax.safe_increment(state.count),
       momentum_buffer=cast_like(new, state.momentum_buffer),
       momentum_norm=norm,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 _metrics.register(

@@ -12,7 +12,7 @@ import optax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from optax_momclip import _adaptive, _metrics, _norms, _validation
+from optax_momclip import _adaptive, _eager, _metrics, _norms, _validation
 from optax_momclip._clipping import count_if
 
 _F32 = jnp.float32
@@ -215,7 +215,9 @@ def skip_bad_steps(
       spike_restarts=count_if(state.spike_restarts, restart),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(
+    init_fn, _eager.compiled_when_reused(update_fn, passes_extra_args=True)
+  )
 
 
 def _update_keeping_state(

@@ -84,8 +84,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   ``<transform>/clip_fraction = steps_clipped / max(steps_seen, 1)``. A second
   instance of the same transformation is keyed ``<transform>_1``, and so on.
   Statistics kept per leaf (`clip_by_norm`) get one key per leaf path, the
-  largest value over a leaf's slices. Reads only what the state holds: no
-  norm is recomputed, and it is safe inside ``jit``.
+  largest value over a leaf's slices (none for a zero-size leaf). Reads
+  only what the state holds: no norm is recomputed, and it is safe inside
+  ``jit``.
 
   Args:
     opt_state: an optimizer state (any pytree).
@@ -113,8 +114,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         values[field] = flat[0][1]
         out[f"{name}/{field}"] = flat[0][1]
         continue
-      for path, leaf in flat:  # a statistic kept per leaf
-        out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(leaf) if leaf.ndim else leaf
+      for path, leaf in flat:  # a statistic kept per leaf; a zero-size leaf has none
+        if leaf.size:
+          out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(leaf) if leaf.ndim else leaf
     for key, (num, den) in spec.fractions.items():
       if num in values and den in values:
         denom = jnp.maximum(values[den], 1).astype(jnp.float32)

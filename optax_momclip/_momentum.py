@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_momclip import _validation
+from optax_momclip import _eager, _validation
 from optax_momclip._clipping import hyperparam
 from optax_momclip._validation import ScheduleOrScalar
 
@@ -31,9 +31,14 @@ def compute_dtype(*dtypes: Any) -> jnp.dtype:
 def init_buffer(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> Any:
   """Zeros shaped like every leaf of ``params`` (``leading + shape``), in ``dtype`` or its own.
 
-  Accepts ``jax.ShapeDtypeStruct`` leaves; ``None`` leaves stay ``None``.
+  Accepts ``jax.ShapeDtypeStruct`` leaves and Python numbers; ``None`` leaves stay ``None``.
   """
-  return jax.tree.map(lambda p: jnp.zeros(leading + tuple(p.shape), dtype or p.dtype), params)
+
+  def zeros(p: Any) -> jax.Array:
+    shape, own = (p.shape, p.dtype) if hasattr(p, "dtype") else (jnp.shape(p), jnp.result_type(p))
+    return jnp.zeros(leading + tuple(shape), dtype or own)
+
+  return jax.tree.map(zeros, params)
 
 
 def unzip(like: Any, pairs: Any, n: int = 2) -> tuple[Any, ...]:
@@ -206,7 +211,7 @@ def heavy_ball(
       momentum_buffer=cast_like(buf, state.momentum_buffer),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 class EmaMomentumState(NamedTuple):
@@ -293,7 +298,7 @@ def ema_momentum(
       decay_product=product,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 class QhmState(NamedTuple):
@@ -373,7 +378,7 @@ def qhm(
     out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
     return out, QhmState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 class AggmoState(NamedTuple):
@@ -456,7 +461,7 @@ def aggmo(
     out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
     return out, AggmoState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
-  return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
 def demon(

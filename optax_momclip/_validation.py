@@ -197,14 +197,14 @@ def check_tree_matches(
     strict=True,
   )
   for (path, u), s in pairs:
-    want = tuple(shape_of(tuple(u.shape)))
-    if want != tuple(s.shape):
+    want = tuple(shape_of(tuple(jnp.shape(u))))
+    if want != tuple(jnp.shape(s)):
       chex.assert_shape(
         s,
         want,
         custom_message=(
-          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(u.shape)} does not "
-          f"match the state's {tuple(s.shape)}"
+          f"{fn}: updates{jax.tree_util.keystr(path)}: shape {tuple(jnp.shape(u))} does not "
+          f"match the state's {tuple(jnp.shape(s))}"
         ),
       )
 

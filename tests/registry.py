@@ -25,6 +25,13 @@ class Case:
     static_args: arguments that fix shapes or code paths (``ord``, window
       sizes), passed as ``static_args`` to ``optax.inject_hyperparams``.
     needs_params: update needs ``params``.
+    eager_anchor: optax's nearest equivalent, whose eager update time bounds
+      ours: ``"clip"`` (``optax.clip_by_global_norm``), ``"trace"``
+      (``optax.trace``) or ``"chain"`` (the two chained with ``optax.scale``).
+    make_complex: builds the transformation for the complex contract, where
+      it acts on a complex leaf as on its real and imaginary parts side by
+      side (None: ``make``).
+    clips_modulus: it clips each element's modulus instead, ``z·min(1, c/|z|)``.
   """
 
   name: str
@@ -33,6 +40,9 @@ class Case:
   numeric: dict[str, Any]
   static_args: tuple[str, ...] = ()
   needs_params: bool = False
+  eager_anchor: str = "clip"
+  make_complex: Callable[[], optax.GradientTransformation] | None = None
+  clips_modulus: bool = False
 
 
 CASES: list[Case] = [
@@ -41,6 +51,7 @@ CASES: list[Case] = [
     lambda: omc.clip_by_value(0.5),
     omc.clip_by_value,
     {"max_value": 0.5},
+    clips_modulus=True,
   ),
   Case(
     "clip_by_norm",
@@ -100,28 +111,38 @@ CASES: list[Case] = [
     lambda: omc.heavy_ball(omc.demon(0.9, total_steps=10), dampening=0.1),
     omc.heavy_ball,
     {"momentum": 0.9, "dampening": 0.1},
+    eager_anchor="trace",
   ),
   Case(
     "ema_momentum",
     lambda: omc.ema_momentum(0.8, debias=True),
     omc.ema_momentum,
     {"decay": 0.8},
+    eager_anchor="trace",
   ),
-  Case("qhm", lambda: omc.qhm(0.9, 0.7), omc.qhm, {"momentum": 0.9, "nu": 0.7}),
+  Case(
+    "qhm",
+    lambda: omc.qhm(0.9, 0.7),
+    omc.qhm,
+    {"momentum": 0.9, "nu": 0.7},
+    eager_anchor="trace",
+  ),
   # Powers of two: exact products, so XLA's FMA contraction under jit cannot differ from eager.
-  Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}),
+  Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}, eager_anchor="trace"),
   Case(
     "clipped_momentum",
     lambda: omc.clipped_momentum(1.0, 0.5, nu=0.75),
     omc.clipped_momentum,
     {"max_norm": 1.0, "momentum": 0.5, "nu": 0.75},
     static_args=("ord",),
+    eager_anchor="chain",
   ),
   Case(
     "normalized_momentum",
     lambda: omc.normalized_momentum(0.5),
     omc.normalized_momentum,
     {"momentum": 0.5, "eps": 1e-8},
+    eager_anchor="chain",
   ),
   # Powers of two again: with 0.9 and 1e-2 a scanned step and a looped one
   # contract different products into FMAs and differ by an ulp on cancelling sums.
@@ -138,6 +159,11 @@ CASES: list[Case] = [
     omc.momclip_sgd,
     {"learning_rate": 0.1, "momentum": 0.5, "max_norm": 1.0, "weight_decay": 2**-6},
     needs_params=True,
+    eager_anchor="chain",
+    # Its clip_value clips each modulus: tested against NumPy in test_aliases.
+    make_complex=lambda: omc.momclip_sgd(
+      optax.linear_schedule(0.1, 0.01, 10), 0.5, max_norm=1.0, dampening=0.5, weight_decay=2**-6
+    ),
   ),
   # Later issues append their transformations here.
 ]

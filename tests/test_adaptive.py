@@ -303,3 +303,15 @@ def test_metrics_report_the_adaptive_statistics():
   np.testing.assert_allclose(m["adaptive_grad_clip/grad_norm"], 6.0, rtol=1e-6)
   np.testing.assert_allclose(m["autoclip/grad_norm"], 0.02, rtol=1e-6)
   assert {"zclip/norm_mean", "zclip/norm_var", "zclip/clip_fraction"} <= set(m)
+
+
+def test_agc_clips_huge_unit_gradients_to_their_bound():
+  params = {"k": jnp.array([[3.0, 1.0], [4.0, 0.0]])}  # unit norms 5 and 1
+  grads = {"k": jnp.array([[3e38, 0.0], [4e37, 1e-30]], jnp.float32)}
+  tx = omc.adaptive_grad_clip(0.1)
+  u, state = tx.update(grads, tx.init(params), params)
+  col = np.array([3e38, 4e37]) / np.hypot(3e38, 4e37) * 0.5
+  np.testing.assert_allclose(u["k"][:, 0], col, rtol=1e-6)
+  np.testing.assert_allclose(u["k"][:, 1], [0.0, 1e-30], rtol=1e-6)  # within its bound
+  np.testing.assert_allclose(state.grad_norm, np.hypot(3e38, 4e37), rtol=1e-6)
+  assert int(state.units_clipped) == 1

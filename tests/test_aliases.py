@@ -133,3 +133,13 @@ def test_weight_decay_needs_params():
 def test_bad_hyperparameters_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
     omc.momclip_sgd(**kwargs)
+
+
+def test_clip_value_clips_a_complex_modulus_keeping_the_phase():
+  g = {"z": jnp.array([3 + 4j, 0.1 - 0.2j, -6j, 1e38 + 1e38j], jnp.complex64)}
+  tx = omc.momclip_sgd(1.0, 0.0, clip_value=0.5)
+  u, _ = tx.update(g, tx.init(g))
+  z = np.asarray(g["z"], np.complex128)
+  want = -z * np.minimum(1.0, 0.5 / np.abs(z))
+  np.testing.assert_allclose(u["z"], want, rtol=1e-6)
+  assert u["z"].dtype == jnp.complex64

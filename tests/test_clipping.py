@@ -214,6 +214,37 @@ def test_tiny_gradients_are_raised_to_min_norm():
   np.testing.assert_allclose(u["x"], [0.6, 0.8], rtol=1e-6)
 
 
+def _ulps(got, want):
+  return abs(float(got) - want) / float(np.spacing(np.float32(want)))
+
+
+def test_a_norm_of_1e38_is_clipped_to_exactly_max_norm_direction_kept():
+  g = {"w": jnp.array([1e38, -1e38], jnp.float32)}
+  tx = omc.clip_by_global_norm(1.0)
+  u, state = tx.update(g, tx.init(g))
+  half = np.float32(np.sqrt(0.5))
+  np.testing.assert_array_equal(u["w"], [half, -half])  # the correctly rounded 1e38 / ‖g‖
+  assert _ulps(np.linalg.norm(np.asarray(u["w"], np.float64)), 1.0) <= 1
+  assert _ulps(state.grad_norm, np.sqrt(2.0) * float(np.float32(1e38))) <= 1
+  assert int(state.steps_clipped) == 1 and float(state.clip_scale) < 1e-38
+  u, _ = omc.clip_by_norm(1.0).update({"w": jnp.array([1e38])}, omc.clip_by_norm(1.0).init(g))
+  np.testing.assert_array_equal(u["w"], [1.0])
+
+
+@pytest.mark.parametrize("exponent", [*range(-123, 128, 6), 127])
+def test_every_clip_lands_on_its_bound_at_any_magnitude(exponent):
+  """Norms from float32's smallest normal to its largest: the bound, to the ulp, never 0 or inf."""
+  g = {"a": jnp.asarray(np.array([3.0, -4.0]) * 2.0**exponent / 8, jnp.float32), "b": jnp.zeros(3)}
+  norm = 5.0 * 2.0**exponent / 8
+  for hi, lo in [(1.0, 0.0), (1e30, 1e-30), (3e38, 2.0**-100), (3e38, 1e30)]:
+    want = min(max(norm, lo), hi)
+    for tx in [omc.clip_by_global_norm(hi, min_norm=lo), omc.clip_by_norm(hi, min_norm=lo)]:
+      u, _ = tx.update(g, tx.init(g))
+      got = np.linalg.norm(np.asarray(u["a"], np.float64))
+      assert _ulps(got, want) <= 2, (tx, hi, lo, got, want)
+      np.testing.assert_array_equal(np.sign(u["a"]), [1.0, -1.0])
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_policies(bad):
   g = {"x": jnp.array([bad, 1.0, 2.0]), "y": jnp.array([5.0])}

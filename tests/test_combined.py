@@ -186,3 +186,10 @@ def test_axis_name_gives_the_global_norm_under_shard_map(make):
 def test_bad_hyperparameters_raise(build, err, match):
   with pytest.raises(err, match=match):
     build()
+
+
+def test_huge_momentum_is_normalized_and_clipped_not_zeroed():
+  g = {"w": jnp.array([1.5e38, -2e38], jnp.float32), "z": jnp.zeros((2,))}  # ‖g‖ = 2.5e38
+  for tx, want in [(omc.normalized_momentum(0.0), 1.0), (omc.clipped_momentum(2.0, 0.0), 2.0)]:
+    u, _ = tx.update(g, tx.init(g))
+    np.testing.assert_allclose(u["w"], np.array([0.6, -0.8]) * want, rtol=1e-6)

@@ -1,5 +1,8 @@
 """Every public transformation passes the same contract (DESIGN §4, STYLE 'Tests')."""
 
+import statistics
+import time
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -229,3 +232,124 @@ def test_vmap_over_seeds(case: Case):
 def test_registry_covers_every_public_transformation():
   public = {n for n in omc.__all__ if n[0].islower()} - NOT_TRANSFORMS
   assert public == {c.name for c in CASES}
+
+
+# ---------------------------------------------------------------------------------------------
+# Every input: complex, zero-size and Python-number leaves; one conditional; cheap eager calls.
+
+
+def _complex(tree_re, tree_im):
+  return jax.tree.map(lambda a, b: (a + 1j * b).astype(jnp.complex64), tree_re, tree_im)
+
+
+def _embed(x):
+  """A complex leaf as its real and imaginary parts side by side, in the same units.
+
+  Arrays of rank >= 2 stack the parts on a new first axis (each output unit, the last
+  axis, keeps its elements); vectors and scalars, one unit each, concatenate them.
+  """
+  x = jnp.asarray(x)
+  if not jnp.iscomplexobj(x):
+    return x
+  parts = (jnp.real(x), jnp.imag(x))
+  return jnp.stack(parts) if x.ndim >= 2 else jnp.concatenate([p.ravel() for p in parts])
+
+
+def _unembed(x, like):
+  if not jnp.iscomplexobj(like):
+    return x
+  re, im = (x[0], x[1]) if like.ndim >= 2 else jnp.split(x, 2)
+  return (re + 1j * im).reshape(like.shape)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_complex_updates(case: Case):
+  """A complex leaf is treated as its real and imaginary parts: norms use |z|, scales are real."""
+  make = case.make_complex or case.make
+  params = _complex(_params(), jax.tree.map(lambda x: -0.5 * x, _params()))
+  grads = [_complex(_grads(t), _grads(t + 7)) for t in range(3)]
+  tx, ref = make(), make()
+  state, ref_state = tx.init(params), ref.init(jax.tree.map(_embed, params))
+  for g in grads:
+    u, state = jax.jit(tx.update)(g, state, params)
+    assert _dtypes(u) == _dtypes(g)
+    if case.clips_modulus:
+      mod = jax.tree.map(lambda z: np.abs(np.asarray(z, np.complex128)), g)
+      want = jax.tree.map(lambda z, m: np.asarray(z) * np.minimum(1, 0.5 / m), g, mod)
+      chex.assert_trees_all_close(u, want, rtol=1e-6, atol=1e-7)
+      continue
+    ref_u, ref_state = jax.jit(ref.update)(
+      jax.tree.map(_embed, g), ref_state, jax.tree.map(_embed, params)
+    )
+    chex.assert_trees_all_close(u, jax.tree.map(_unembed, ref_u, g), rtol=2e-6, atol=1e-7)
+    chex.assert_trees_all_close(omc.metrics(state), omc.metrics(ref_state), rtol=2e-6)
+  buffer = optax.tree.get(state, "momentum_buffer", None)
+  if buffer is not None:  # momentum keeps the complex dtype
+    assert all(jnp.iscomplexobj(x) for x in jax.tree.leaves(buffer))
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_zero_size_leaves_change_nothing(case: Case):
+  empty = {"e": jnp.zeros((0,)), "f": jnp.zeros((3, 0))}
+  params = {**_params(), **empty}
+  tx = omc.with_value_checks(case.make())
+  plain, plain_state = _run(case.make(), 3)
+  state = tx.init(params)
+  for t in range(3):
+    u, state = tx.update({**_grads(t), **empty}, state, params)
+  assert u["e"].shape == (0,) and u["f"].shape == (3, 0)
+  chex.assert_trees_all_close({k: u[k] for k in plain[-1]}, plain[-1], rtol=1e-6, atol=1e-7)
+  ours = {k: v for k, v in omc.metrics(state).items() if "/e" not in k and "/f" not in k}
+  chex.assert_trees_all_close(ours, omc.metrics(plain_state), rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_python_number_leaves(case: Case):
+  as_numbers = lambda tree: {**tree, "scale": float(tree["scale"])}
+  tx = case.make()
+  params = as_numbers(_params())
+  state = tx.init(params)
+  for t in range(3):
+    u, state = tx.update(as_numbers(_grads(t)), state, params)
+  plain, _ = _run(case.make(), 3, jit=False)
+  chex.assert_trees_all_close(u, plain[-1], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_at_most_one_conditional_per_step(case: Case):
+  """On XLA:GPU every conditional waits for its predicate on the host."""
+  params = {f"layer{i}": jnp.ones((i % 7 + 1, 3)) * (i + 1) for i in range(100)}
+  tx = case.make()
+  hlo = jax.jit(tx.update).lower(params, tx.init(params), params).compile().as_text()
+  assert hlo.count(" conditional(") <= 1
+
+
+_ANCHORS = {
+  "clip": lambda: optax.clip_by_global_norm(1.0),
+  "trace": lambda: optax.trace(0.9),
+  "chain": lambda: optax.chain(optax.clip_by_global_norm(1.0), optax.trace(0.9), optax.scale(-0.1)),
+}
+
+
+def _eager_seconds(tx, params, grads, rounds):
+  state = tx.init(params)
+  for _ in range(3):  # the first calls compile
+    jax.block_until_ready(tx.update(grads, state, params))
+  times = []
+  for _ in range(rounds):
+    start = time.perf_counter()
+    jax.block_until_ready(tx.update(grads, state, params))
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_an_eager_update_costs_at_most_three_of_optax(case: Case):
+  """A ratio of medians measured side by side, not an absolute time."""
+  params, grads = _params(), _grads(1)
+  ours, anchor = case.make(), _ANCHORS[case.eager_anchor]()
+  ratios = [
+    _eager_seconds(ours, params, grads, 7) / _eager_seconds(anchor, params, grads, 7)
+    for _ in range(3)
+  ]
+  assert statistics.median(ratios) <= 3.0, ratios

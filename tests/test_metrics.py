@@ -186,3 +186,14 @@ def test_with_value_checks_accepts_a_skipped_nan_step_but_not_a_corrupted_state(
   )
   with pytest.raises(AssertionError, match="non-finite"):
     bad_inner.update({"w": jnp.array([1.0, 1.0])}, corrupt, params)
+
+
+def test_zero_size_leaves_in_per_leaf_statistics_and_value_checks():
+  tx = omc.with_value_checks(omc.clip_by_norm(1.0, axis=0))
+  g = {"f": jnp.zeros((3, 0)), "e": jnp.zeros((0,)), "x": jnp.full((2, 2), 3.0)}
+  u, state = tx.update(g, tx.init(g))
+  assert u["f"].shape == (3, 0)
+  m = omc.metrics(state)
+  np.testing.assert_allclose(m["clip_by_norm/grad_norm/x"], np.sqrt(18.0), rtol=1e-6)
+  assert float(m["clip_by_norm/grad_norm/e"]) == 0.0  # a whole-leaf norm: zero
+  assert not any("/f" in k for k in m)  # no slices, no statistic

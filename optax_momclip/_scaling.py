@@ -1,0 +1,176 @@
+"""Scale factors that stay exact outside float32's range, and how every clip applies them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+_F32 = jnp.float32
+
+
+def real_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype of the real part of ``dtype`` (``dtype`` itself when it is real)."""
+  dtype = jnp.dtype(dtype)
+  return jnp.finfo(dtype).dtype if jnp.issubdtype(dtype, jnp.complexfloating) else dtype
+
+
+def scale_dtype(*dtypes: Any) -> jnp.dtype:
+  """float32, or wider when a (real part of an) input is wider: where scales are applied."""
+  out = jnp.dtype(_F32)
+  for d in dtypes:
+    d = real_dtype(d)
+    if jnp.issubdtype(d, jnp.floating):
+      out = jnp.promote_types(out, d)
+  return out
+
+
+def pow2(k: jax.Array, dtype: Any) -> jax.Array:
+  """``2**k`` built from its bits: exact for integer ``k`` in ``[minexp, maxexp - 1]``."""
+  info = jnp.finfo(dtype)
+  int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
+  biased = (jnp.asarray(k).astype(int_dtype) + (1 - info.minexp)) << info.nmant
+  return lax.bitcast_convert_type(biased, jnp.dtype(dtype))
+
+
+def split(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(m, e)`` with ``x = m·2**e`` and ``m`` in ``[1, 2)``, for positive normal ``x``."""
+  info = jnp.finfo(x.dtype)
+  int_dtype = jnp.int64 if info.bits == 64 else jnp.int32
+  bits = lax.bitcast_convert_type(x, int_dtype)
+  e = ((bits >> info.nmant) & ((1 << (info.bits - 1 - info.nmant)) - 1)) + (info.minexp - 1)
+  one = (1 - info.minexp) << info.nmant  # the bits of 1.0
+  mantissa_bits = (bits & ((1 << info.nmant) - 1)) | one
+  return lax.bitcast_convert_type(mantissa_bits, x.dtype), e.astype(jnp.int32)
+
+
+class Scale(NamedTuple):
+  """A positive factor ``factor · power``; ``power`` is 1 whenever the factor is normal.
+
+  A clip's factor ``max_norm / norm`` leaves float32's normal range when the
+  norm is huge (``1/1e38`` would flush to zero) or a ``min_norm`` lifts a tiny
+  norm. ``power`` is then ``2**-126`` or ``2**126`` (for float32), so that
+  ``factor`` is normal again, and `scale_leaf` multiplies by the power first,
+  which rounds nothing.
+  """
+
+  factor: jax.Array  # f32 (f64 for float64 norms)
+  power: jax.Array  # same dtype: 1, or 2**∓(-minexp) outside the normal range
+
+  def changes(self) -> jax.Array:
+    """True where the factor is not exactly 1."""
+    return (self.factor != 1) | (self.power != 1)
+
+  def times(self, weight: jax.Array) -> Scale:
+    """This factor times ``weight`` (rounded once, into the factor)."""
+    return Scale(self.factor * weight.astype(self.factor.dtype), self.power)
+
+  def value(self) -> jax.Array:
+    """The factor rounded to its dtype: 0 below the smallest normal, the largest finite above."""
+    return jnp.minimum(self.factor * self.power, jnp.finfo(self.factor.dtype).max)
+
+
+def unit(like: jax.Array) -> Scale:
+  """The factor 1, shaped like ``like``."""
+  return Scale(jnp.ones_like(like), jnp.ones_like(like))
+
+
+def where(cond: jax.Array, a: Scale, b: Scale) -> Scale:
+  """``a`` where ``cond``, else ``b``."""
+  return Scale(jnp.where(cond, a.factor, b.factor), jnp.where(cond, a.power, b.power))
+
+
+def ratio(target: jax.Array | float, norm: jax.Array) -> Scale:
+  """``target / norm`` for a finite ``target >= 0`` and a positive ``norm``, in ``norm``'s dtype.
+
+  The correctly rounded quotient wherever that is a normal number. Where it
+  would underflow (a huge norm), or overflow (a tiny one), the norm is first
+  multiplied by ``2**-126`` or ``2**126`` (float32's; exact, since the norm is
+  then above 1 or below 1) and that power goes into ``power``. Only a factor
+  beyond ``2**±252`` is lost, where no float32 update could hold the result.
+  """
+  dtype = norm.dtype
+  info = jnp.finfo(dtype)
+  target = jnp.asarray(target, dtype)
+  k = 2.0 ** (-info.minexp)
+  quotient = target / norm
+  down = (quotient < info.tiny) & (target > 0) & (norm > 1)
+  up = jnp.isinf(quotient) & jnp.isfinite(norm) & (norm < 1)
+  moved = target / (norm * jnp.where(down, 1 / k, k))
+  factor = jnp.where(down | up, moved, quotient)
+  return Scale(factor, jnp.where(down, 1 / k, jnp.where(up, k, 1.0)).astype(dtype))
+
+
+def range_scale(
+  norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | float = 0.0, *, nonfinite: float = 1.0
+) -> Scale:
+  """The factor that brings ``norm`` into ``[min_norm, max_norm]``, exact at any magnitude.
+
+  One when the norm is in range or zero (zero stays zero), ``max_norm/norm``
+  above it, ``min_norm/norm`` below it, ``nonfinite`` for a NaN or infinite
+  norm. Broadcasts over arrays of norms.
+  """
+  dtype = scale_dtype(norm.dtype)
+  norm = norm.astype(dtype)
+  hi, lo = jnp.asarray(max_norm, dtype), jnp.asarray(min_norm, dtype)
+  finite = jnp.isfinite(norm)
+  move = finite & (norm > 0) & ((norm > hi) | (norm < lo))
+  target = jnp.where(norm > hi, hi, lo)
+  moved = ratio(jnp.where(move, target, 1), jnp.where(move, norm, 1))
+  keep = Scale(jnp.where(finite, 1, jnp.asarray(nonfinite, dtype)), jnp.ones_like(norm))
+  return where(move, moved, keep)
+
+
+def multiplier(scale: Scale, dtype: Any) -> Callable[[jax.Array], jax.Array]:
+  """``x -> x · scale`` for real arrays ``x`` of ``dtype`` (float32 or wider).
+
+  With a normal factor this is one rounded product; otherwise the power of
+  two comes first (exact) and the factor rounds once.
+  """
+  power, factor = scale.power.astype(dtype), scale.factor.astype(dtype)
+  return lambda x: x * power * factor
+
+
+def _scale_with(g: jax.Array, mul: Callable[[jax.Array], jax.Array], dtype: Any) -> jax.Array:
+  one = lambda x: mul(x.astype(dtype)).astype(x.dtype)
+  if jnp.iscomplexobj(g):
+    return lax.complex(one(jnp.real(g)), one(jnp.imag(g)))
+  return one(g)
+
+
+def scale_leaf(g: Any, scale: Scale) -> jax.Array:
+  """``g · scale`` computed in float32 (or wider) and returned in ``g``'s dtype.
+
+  A complex ``g`` has its real and imaginary parts scaled alike: its phase is kept.
+  """
+  g = jnp.asarray(g)
+  dtype = scale_dtype(g.dtype, scale.factor.dtype)
+  return _scale_with(g, multiplier(scale, dtype), dtype)
+
+
+def scaler(scale: Scale) -> Callable[[Any], jax.Array]:
+  """``g -> g · scale`` as `scale_leaf`, for many leaves: the scalar work done once per dtype."""
+  muls: dict[Any, Callable[[jax.Array], jax.Array]] = {}
+
+  def scale_one(g: Any) -> jax.Array:
+    g = jnp.asarray(g)
+    dtype = scale_dtype(g.dtype, scale.factor.dtype)
+    if dtype not in muls:
+      muls[dtype] = multiplier(scale, dtype)
+    return _scale_with(g, muls[dtype], dtype)
+
+  return scale_one
+
+
+def scale_tree(tree: Any, scale: Scale) -> Any:
+  """Every leaf of ``tree`` times the scalar ``scale``, each in its own dtype."""
+  return jax.tree.map(scaler(scale), tree)
+
+
+def clip_modulus(z: jax.Array, bound: jax.Array) -> jax.Array:
+  """Complex ``z`` with every modulus clipped to ``|z| <= bound``, each phase kept."""
+  modulus = jnp.abs(z)
+  return scale_leaf(z, range_scale(modulus, bound.astype(modulus.dtype)))
