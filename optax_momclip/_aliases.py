@@ -89,8 +89,8 @@ def momclip_sgd(
     learning_rate: ``η >= 0``, or a schedule ``step -> η`` evaluated at ``count``.
     momentum: ``μ`` in ``[0, 1]``, or a schedule. Default 0.9.
     max_norm: ``c >= 0`` for the global L2 norm clip, or None (default) for none.
-    clip_value: ``v >= 0`` for the elementwise clip to ``[-v, v]``, or None
-      (default) for none.
+    clip_value: ``v >= 0`` for the elementwise clip to ``[-v, v]`` (of each
+      modulus, phase kept, for complex gradients), or None (default) for none.
     nesterov: use ``g + μb``; needs ``μ > 0`` and ``d = 0`` as in PyTorch.
       Default False.
     dampening: ``d`` in ``[0, 1]``. Default 0.

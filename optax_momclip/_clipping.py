@@ -52,7 +52,9 @@ def clip_by_value(
      \ (\text{default } -b), \ b = \text{max\_value}
 
   Changes the direction of the update (Mikolov, 2012). NaN stays NaN; ±inf
-  is clipped to the bound, as ``torch.clamp`` and ``optax.clip`` do.
+  is clipped to the bound, as ``torch.clamp`` and ``optax.clip`` do. A complex
+  element has its modulus clipped, ``|z| <= max_value``, its phase kept
+  (``optax.clip`` rejects complex updates); ``min_value`` must then be None.
 
   Args:
     max_value: upper bound ``b``, >= 0 when ``min_value`` is None.
@@ -271,7 +273,8 @@ class ClipByGlobalNormState(NamedTuple):
   Attributes:
     grad_norm: the global norm of the incoming updates, before clipping. f32[].
     clip_scale: the factor the updates were multiplied by (1 when in range or
-      propagated, 0 when zeroed). f32[].
+      propagated, 0 when zeroed), rounded to float32: below its smallest
+      normal number it reads 0, though the updates were scaled exactly. f32[].
     clip_threshold: ``max_norm`` at this step (a schedule's value). f32[].
     steps_seen: updates processed (saturating); the step a ``max_norm``
       schedule is evaluated at. i32[].
@@ -299,7 +302,10 @@ def clip_by_global_norm(
 
   (Pascanu et al., 2013, with a lower bound ``m`` added.) The direction is
   kept and zero stays zero. The pre-clip norm is kept in the state, computed
-  once in float32 whatever the gradient dtype.
+  once in float32 whatever the gradient dtype, exact from float32's smallest
+  normal number to its largest (see `global_norm`); the factor is applied
+  exactly even where it leaves float32's range (``1/1e38``). Complex leaves
+  count with ``|z|`` and are scaled by a real factor.
 
   Differs from ``optax.clip_by_global_norm`` in that the norm is exact for
   bf16/f16 gradients (optax sums in the leaf dtype and overflows),

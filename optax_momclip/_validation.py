@@ -22,6 +22,22 @@ def concrete_float(value: Any) -> float | None:
   return float(np.asarray(value))
 
 
+def _describe(value: Any) -> str:
+  if hasattr(value, "shape") and hasattr(value, "dtype") and not isinstance(value, np.generic):
+    return f"{type(value).__name__} of dtype {value.dtype}"
+  return f"{value!r} ({type(value).__name__})"
+
+
+def _is_real_number(value: Any) -> bool:
+  """A Python number, NumPy scalar or 0-d array of an integer or float dtype (bf16 included)."""
+  if isinstance(value, bool | np.bool_):
+    return False
+  if hasattr(value, "dtype"):
+    dtype = jnp.dtype(value.dtype)
+    return jnp.issubdtype(dtype, jnp.integer) or jnp.issubdtype(dtype, jnp.floating)
+  return isinstance(value, numbers.Real)
+
+
 def check_scalar(
   fn: str,
   name: str,
@@ -32,39 +48,46 @@ def check_scalar(
   low_open: bool = False,
   high_open: bool = False,
   schedule: bool = False,
+  infinite: bool = False,
 ) -> None:
   """Checks a numeric hyperparameter at construction.
 
-  Accepts Python numbers, NumPy scalars and 0-d arrays (traced ones pass
-  unchecked, so ``optax.inject_hyperparams`` works), and callables when
-  ``schedule`` is true. The allowed range is ``[low, high]``, with either end
-  open when ``low_open`` / ``high_open``.
+  Accepts Python numbers, NumPy scalars and 0-d arrays of any integer or
+  float dtype, bf16 included (traced ones pass unchecked, so
+  ``optax.inject_hyperparams`` works), and callables when ``schedule`` is
+  true. The allowed range is ``[low, high]``, with either end open when
+  ``low_open`` / ``high_open``; infinite values only when ``infinite``.
 
   Raises:
-    TypeError: ``value`` is not a number, a 0-d array or (if allowed) a callable.
-    ValueError: ``value`` is NaN or out of range.
+    TypeError: ``value`` is not a real number, a 0-d array or (if allowed) a callable.
+    ValueError: ``value`` is NaN, infinite (unless allowed) or out of range.
   """
   if schedule and callable(value):
     return
-  kinds = "a number, a 0-d array" + (" or a schedule" if schedule else "")
-  if isinstance(value, bool) or not (isinstance(value, numbers.Real) or hasattr(value, "shape")):
-    raise TypeError(f"{fn}: {name} must be {kinds}, got {value!r} ({type(value).__name__})")
+  kinds = "a real number, a 0-d array" + (" or a schedule" if schedule else "")
   if hasattr(value, "shape") and tuple(value.shape) != ():
     raise TypeError(f"{fn}: {name} must be {kinds}, got an array of shape {tuple(value.shape)}")
-  if hasattr(value, "dtype") and not np.issubdtype(np.dtype(value.dtype), np.number):
-    raise TypeError(f"{fn}: {name} must be numeric, got dtype {value.dtype}")
+  if not _is_real_number(value):
+    raise TypeError(f"{fn}: {name} must be {kinds}, got {_describe(value)}")
   v = concrete_float(value)
   if v is None:
     return
   lo = "-inf" if low is None else f"{low:g}"
   hi = "inf" if high is None else f"{high:g}"
-  left = "(" if low_open or low is None else "["
-  right = ")" if high_open or high is None else "]"
+  left = "[" if low is not None and not low_open else "("
+  left = "[" if low is None and infinite else left
+  right = "]" if (high is not None and not high_open) or (high is None and infinite) else ")"
   valid = f"{left}{lo}, {hi}{right}"
   too_low = low is not None and (v <= low if low_open else v < low)
   too_high = high is not None and (v >= high if high_open else v > high)
-  if math.isnan(v) or too_low or too_high:
+  if math.isnan(v) or too_low or too_high or (math.isinf(v) and not infinite):
     raise ValueError(f"{fn}: {name} must be in {valid}, got {value!r}")
+
+
+def check_bool(fn: str, name: str, value: Any) -> None:
+  """Checks a flag is a bool (a string such as ``"False"`` would read as true)."""
+  if not isinstance(value, bool | np.bool_):
+    raise TypeError(f"{fn}: {name} must be True or False, got {_describe(value)}")
 
 
 def check_order(fn: str, lower_name: str, lower: Any, upper_name: str, upper: Any) -> None:
@@ -79,15 +102,22 @@ def check_order(fn: str, lower_name: str, lower: Any, upper_name: str, upper: An
     )
 
 
-def check_ord(fn: str, ord: Any) -> None:
-  """Checks a norm order is one of 1, 2 or inf."""
-  if hasattr(ord, "shape"):
+def check_ord(fn: str, ord: Any) -> float:
+  """Checks a norm order: None (the default, 2, as NumPy's), 1, 2 or inf; returns it as a number.
+
+  None is the default so that ``optax.inject_hyperparams``, which turns numeric
+  defaults into arrays, leaves it alone: an order picks a code path.
+  """
+  if ord is None:
+    return 2
+  if isinstance(ord, jax.core.Tracer) or (hasattr(ord, "shape") and tuple(ord.shape) != ()):
     raise TypeError(
-      f"{fn}: ord must be a Python number (1, 2 or inf), got an array {ord!r}; with "
-      "optax.inject_hyperparams pass static_args=('ord',)"
+      f"{fn}: ord picks a code path, so it must be None, 1, 2 or inf, got {_describe(ord)}; "
+      "with optax.inject_hyperparams pass static_args=('ord',)"
     )
-  if isinstance(ord, bool) or not isinstance(ord, numbers.Real) or ord not in _ORDS:
-    raise ValueError(f"{fn}: ord must be one of 1, 2 or inf, got {ord!r}")
+  if not _is_real_number(ord) or float(ord) not in _ORDS:
+    raise ValueError(f"{fn}: ord must be None, 1, 2 or inf, got {ord!r}")
+  return float(ord) if math.isinf(float(ord)) else int(ord)
 
 
 def check_choice(fn: str, name: str, value: Any, choices: Sequence[Any]) -> None:
@@ -124,26 +154,34 @@ def check_axes(fn: str, name: str, axis: Any) -> None:
     raise TypeError(f"{fn}: {name} must be None, an int or a tuple of ints, got {axis!r}")
 
 
-def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> None:
-  """Checks a Python integer hyperparameter is at least ``low``."""
-  if hasattr(value, "shape"):
+def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> int:
+  """Checks an integer hyperparameter that fixes a shape is at least ``low``; returns it.
+
+  Python and NumPy integers and concrete 0-d integer arrays are accepted; a
+  traced one cannot fix a shape.
+  """
+  if isinstance(value, jax.core.Tracer):
     raise TypeError(
-      f"{fn}: {name} must be a Python int (it fixes a shape), got an array {value!r}; "
-      f"with optax.inject_hyperparams pass static_args=('{name}',)"
+      f"{fn}: {name} fixes a shape, so it must be a concrete int, got a traced value; with "
+      f"optax.inject_hyperparams pass static_args=('{name}',)"
     )
-  if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-    raise TypeError(f"{fn}: {name} must be an int, got {value!r} ({type(value).__name__})")
-  if value < low:
+  integral = hasattr(value, "dtype") and jnp.issubdtype(jnp.dtype(value.dtype), jnp.integer)
+  if isinstance(value, bool | np.bool_) or not (isinstance(value, numbers.Integral) or integral):
+    raise TypeError(f"{fn}: {name} must be an int, got {_describe(value)}")
+  if hasattr(value, "shape") and tuple(value.shape) != ():
+    raise TypeError(f"{fn}: {name} must be an int, got an array of shape {tuple(value.shape)}")
+  if int(value) < low:
     raise ValueError(f"{fn}: {name} must be >= {low}, got {value!r}")
+  return int(value)
 
 
 def check_count(fn: str, name: str, value: Any) -> None:
-  """Checks a count >= 1 that does not fix a shape, so it may be a 0-d array.
+  """Checks a count >= 1 that does not fix a shape, so it may be a traced 0-d array.
 
   ``optax.inject_hyperparams`` turns integer arguments into arrays; those are
-  range-checked when concrete, Python values must be ints.
+  range-checked when concrete.
   """
-  if hasattr(value, "shape"):
+  if hasattr(value, "shape") and not isinstance(value, np.generic):
     check_scalar(fn, name, value, low=1.0)
   else:
     check_positive_int(fn, name, value)
@@ -153,6 +191,8 @@ def check_dtype(fn: str, name: str, dtype: Any) -> None:
   """Checks an optional floating dtype argument such as ``accumulator_dtype``."""
   if dtype is None:
     return
+  if hasattr(dtype, "shape"):
+    raise TypeError(f"{fn}: {name} must be None or a floating dtype, got an array {dtype!r}")
   try:
     ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)  # np.floating misses bfloat16
   except TypeError:
