@@ -8,15 +8,14 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _eager, _metrics, _norms, _validation
+from optax_momclip import _eager, _hyperparams, _metrics, _norms, _validation
 from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
 from optax_momclip._scaling import range_scale, scale_tree
 
-_F32 = jnp.float32
-# A clip_threshold reported while no threshold applies (warm-up without a cap).
-_NO_LIMIT = float(jnp.finfo(_F32).max)
 # ZClip's eps in the z-score denominator (reference implementation).
 _Z_EPS = 1e-6
+# The smallest spread, relative to the mean, that a z-score is taken against (see `zscore`).
+_INFORMATIVE = 1e-3
 
 
 class AutoClipState(NamedTuple):
@@ -49,10 +48,10 @@ def _percentile(history: jax.Array, size: jax.Array, percentile: jax.Array) -> j
   """``np.percentile(history[:size], percentile)`` (linear interpolation), for size >= 1."""
   filled = jnp.arange(history.shape[0]) < size
   ordered = jnp.sort(jnp.where(filled, history, jnp.inf))
-  pos = percentile / 100.0 * (jnp.maximum(size, 1) - 1).astype(_F32)
+  pos = percentile / 100.0 * (jnp.maximum(size, 1) - 1).astype(history.dtype)
   lo = jnp.floor(pos).astype(jnp.int32)
   hi = jnp.minimum(lo + 1, jnp.maximum(size, 1) - 1)
-  frac = pos - lo.astype(_F32)
+  frac = pos - lo.astype(history.dtype)
   a, b = ordered[lo], ordered[hi]
   # NumPy's two-sided lerp, exact at both ends.
   return jnp.where(frac >= 0.5, b - (b - a) * (1.0 - frac), a + (b - a) * frac)
@@ -61,8 +60,8 @@ def _percentile(history: jax.Array, size: jax.Array, percentile: jax.Array) -> j
 def autoclip(
   percentile: float | jax.Array = 10.0,
   *,
-  window: int = 1000,
-  ord: float = 2,
+  window: int | None = None,
+  ord: float | None = None,
   axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""AutoClip: clips the global norm to a percentile of the recent norm history.
@@ -84,9 +83,10 @@ def autoclip(
 
   Args:
     percentile: p in ``[0, 100]``. Default 10.
-    window: the number of recent norms kept, >= 1 (a shape: a static
-      argument for ``optax.inject_hyperparams``). Default 1000.
-    ord: 1, 2 (default) or ``inf``.
+    window: the number of recent norms kept, >= 1; None (default) is 1000. It
+      fixes a shape, so ``optax.inject_hyperparams`` must leave it static
+      (None is, as every non-numeric default).
+    ord: 1, 2 or ``inf``; None (default) is 2, as in NumPy.
     axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
       over; the norm is then the global one across it. Default None.
 
@@ -109,33 +109,37 @@ def autoclip(
   """
   fn = "autoclip"
   _validation.check_scalar(fn, "percentile", percentile, low=0.0, high=100.0)
-  _validation.check_positive_int(fn, "window", window)
-  _validation.check_ord(fn, ord)
+  if window is not None:
+    window = _validation.check_positive_int(fn, "window", window)
+  size_of_window = 1000 if window is None else window
+  order = _validation.check_ord(fn, ord)
   _validation.check_axis_name(fn, axis_name)
 
   def init_fn(params: Any) -> AutoClipState:
-    del params
+    dtype = _norms.statistics_dtype(params)
     return AutoClipState(
-      clip_threshold=jnp.asarray(_NO_LIMIT, _F32),
-      norm_history=jnp.zeros([window], _F32),
+      clip_threshold=jnp.asarray(jnp.finfo(dtype).max, dtype),
+      norm_history=jnp.zeros([size_of_window], dtype),
       history_size=jnp.zeros([], jnp.int32),
       history_index=jnp.zeros([], jnp.int32),
-      **clip_stats_init(),
+      **clip_stats_init(dtype),
     )
 
   def update_fn(
     updates: Any, state: AutoClipState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, AutoClipState]:
     del params, extra_args
-    norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
+    dtype = state.norm_history.dtype
+    norm = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0].astype(dtype)
     finite = jnp.isfinite(norm)
     history = jnp.where(
       finite, state.norm_history.at[state.history_index].set(norm), state.norm_history
     )
-    size = jnp.where(finite, jnp.minimum(state.history_size + 1, window), state.history_size)
-    index = jnp.where(finite, (state.history_index + 1) % window, state.history_index)
-    threshold = _percentile(history, size, jnp.asarray(percentile, _F32))
-    threshold = jnp.where(size > 0, threshold, _NO_LIMIT)
+    n = size_of_window
+    size = jnp.where(finite, jnp.minimum(state.history_size + 1, n), state.history_size)
+    index = jnp.where(finite, (state.history_index + 1) % n, state.history_index)
+    threshold = _percentile(history, size, _hyperparams.evaluate(percentile, None, dtype))
+    threshold = jnp.where(size > 0, threshold, jnp.finfo(dtype).max)
     scale = range_scale(norm, threshold)
     return scale_tree(updates, scale), AutoClipState(
       grad_norm=norm,
@@ -194,7 +198,7 @@ def norm_statistics(
   ``(mean, var, count)``, unchanged where not ``fed``.
   """
   warm = count < warmup_steps
-  k = (count + 1).astype(_F32)
+  k = (count + 1).astype(mean.dtype)
   delta = norm - mean
   w_mean = mean + delta / k
   w_var = var + (delta * (norm - w_mean) - var) / k
@@ -206,10 +210,24 @@ def norm_statistics(
   return new_mean, new_var, new_count
 
 
-def zscore(norm: jax.Array, mean: jax.Array, var: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(z, σ)`` with ``z = (norm - μ)/(σ + 1e-6)``, ZClip's z-score."""
-  std = jnp.sqrt(var)
-  return (norm - mean) / (std + _Z_EPS), std
+def zscore(
+  norm: jax.Array, mean: jax.Array, var: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(z, σ, informative)``: ZClip's ``z = (norm - μ)/(σ + 1e-6)``, where σ says something.
+
+  A z-score measures a norm against the spread of the recent ones. Where
+  that spread is below ``1e-3·|μ|`` (identical norms, a warm-up of one step,
+  or a spread that ZClip's own clipping has shrunk away) it says nothing: a
+  division by ``1e-6`` would call every larger norm a spike and, as spikes
+  never (or, clipped, barely) enter the statistics, freeze the rule forever.
+  There ``informative`` is false and ``z`` is 0: no step is a spike, and the
+  norms that follow restore the spread. Safe to differentiate at ``σ = 0``.
+  """
+  positive = var > 0
+  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1)), 0)
+  informative = positive & (std >= _INFORMATIVE * jnp.abs(mean))
+  z = jnp.where(informative, (norm - mean) / (std + _Z_EPS), 0)
+  return z, std, informative
 
 
 def zclip(
@@ -238,6 +256,14 @@ def zclip(
   top); it is off by default, unlike the reference code's 1.0, so ZClip is
   the only rule in force.
 
+  Departure from the reference, so the rule never freezes: a z-score is
+  only taken against a spread ``σ >= 1e-3·μ``. With the reference's
+  ``σ + 1e-6`` alone, a zero variance (identical norms, a one-step warm-up)
+  made every larger norm a huge spike, clipped to μ and fed back as μ, so
+  the statistics never moved again; likewise once the clipping of a
+  lasting change of scale has shrunk σ away. Below that spread no step is a
+  spike and its norm enters the statistics, which then follow it.
+
   Args:
     z_threshold: the z-score above which a norm is a spike, > 0 (``inf``:
       never clip). Default 2.5.
@@ -265,38 +291,45 @@ def zclip(
     LLM Pre-Training*, 2025, https://arxiv.org/abs/2504.02507
   """
   fn = "zclip"
-  _validation.check_scalar(fn, "z_threshold", z_threshold, low=0.0, low_open=True)
+  _validation.check_scalar(fn, "z_threshold", z_threshold, low=0.0, low_open=True, infinite=True)
   _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
   _validation.check_count(fn, "warmup_steps", warmup_steps)
   if max_norm is not None:
-    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
   _validation.check_axis_name(fn, axis_name)
 
+  def cap(dtype: Any) -> jax.Array:
+    no_limit = jnp.finfo(dtype).max
+    if max_norm is None:
+      return jnp.asarray(no_limit, dtype)
+    return jnp.minimum(_hyperparams.bound(max_norm, None, dtype), no_limit)
+
   def init_fn(params: Any) -> ZClipState:
-    del params
+    dtype = _norms.statistics_dtype(params)
     return ZClipState(
-      clip_threshold=jnp.asarray(_NO_LIMIT if max_norm is None else max_norm, _F32),
-      norm_mean=jnp.zeros([], _F32),
-      norm_var=jnp.zeros([], _F32),
+      clip_threshold=cap(dtype),
+      norm_mean=jnp.zeros([], dtype),
+      norm_var=jnp.zeros([], dtype),
       stats_count=jnp.zeros([], jnp.int32),
-      **clip_stats_init(),
+      **clip_stats_init(dtype),
     )
 
   def update_fn(
     updates: Any, state: ZClipState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ZClipState]:
     del params, extra_args
-    z_thr, a = jnp.asarray(z_threshold, _F32), jnp.asarray(alpha, _F32)
-    cap = jnp.asarray(_NO_LIMIT if max_norm is None else max_norm, _F32)
-    norm = _norms.global_norm(updates, axis_name=axis_name).astype(_F32)
+    dtype = state.norm_mean.dtype
+    no_limit = jnp.finfo(dtype).max
+    z_thr = _hyperparams.evaluate(z_threshold, None, dtype)
+    norm = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
     finite = jnp.isfinite(norm)
     warm = state.stats_count < warmup_steps
-    z, std = zscore(norm, state.norm_mean, state.norm_var)
+    z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
     spike = finite & ~warm & (z > z_thr)
     clipped_norm = state.norm_mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)
-    trigger = state.norm_mean + z_thr * (std + _Z_EPS)
-    level = jnp.where(warm, _NO_LIMIT, jnp.where(spike, clipped_norm, trigger))
-    limit = jnp.minimum(jnp.where(spike, clipped_norm, _NO_LIMIT), cap)
+    trigger = jnp.where(informative, state.norm_mean + z_thr * (std + _Z_EPS), no_limit)
+    level = jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))
+    limit = jnp.minimum(jnp.where(spike, clipped_norm, no_limit), cap(dtype))
     scale = range_scale(norm, limit)
     mean, var, count = norm_statistics(
       jnp.where(spike, clipped_norm, norm),
@@ -305,12 +338,12 @@ def zclip(
       state.norm_var,
       state.stats_count,
       warmup_steps,
-      a,
+      _hyperparams.evaluate(alpha, None, dtype),
     )
     return scale_tree(updates, scale), ZClipState(
       grad_norm=norm,
       clip_scale=scale.value(),
-      clip_threshold=jnp.minimum(level, cap).astype(_F32),
+      clip_threshold=jnp.minimum(level, cap(dtype)),
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, scale.changes()),
       norm_mean=mean,

@@ -8,18 +8,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _eager, _metrics, _norms, _validation
+from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
 from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
 from optax_momclip._scaling import range_scale, scale_leaf
-
-_F32 = jnp.float32
 
 
 class AdaptiveGradClipState(NamedTuple):
   """State of `adaptive_grad_clip`.
 
   Attributes:
-    grad_norm: the global L2 norm of the incoming updates, before clipping. f32[].
+    grad_norm: the global L2 norm of the incoming updates, before clipping.
+      f32[] (f64[] for float64 params, as every float field here).
     clip_scale: the smallest factor any unit was multiplied by this step. f32[].
     clip_threshold: the ratio ``clipping`` (λ) used. f32[].
     units_clipped: units rescaled this step. i32[].
@@ -111,14 +110,14 @@ def adaptive_grad_clip(
   _validation.check_axes(fn, "axis", axis)
 
   def axes_of(x: jax.Array) -> tuple[int, ...] | None:
-    return _norms.unit_axes(x.ndim) if axis is None else _norms.resolve_axes(x.ndim, axis)
+    return _norms.unit_axes(x.ndim) if axis is None else _norms.resolve_axes(x.ndim, axis, fn)
 
   def init_fn(params: Any) -> AdaptiveGradClipState:
-    del params
+    dtype = _norms.statistics_dtype(params)
     return AdaptiveGradClipState(
-      clip_threshold=jnp.asarray(clipping, _F32),
+      clip_threshold=_hyperparams.bound(clipping, None, dtype),
       units_clipped=jnp.zeros([], jnp.int32),
-      **clip_stats_init(),
+      **clip_stats_init(dtype),
     )
 
   def update_fn(
@@ -128,24 +127,29 @@ def adaptive_grad_clip(
     if params is None:
       raise ValueError(f"{fn}: update needs params (each unit is bounded relative to its weights)")
     _validation.check_tree_matches(fn, updates, params)
-    lam, floor = jnp.asarray(clipping, _F32), jnp.asarray(eps, _F32)
     leaves, treedef = jax.tree.flatten(updates)
     grads = [jnp.asarray(g) for g in leaves]
     weights = [jnp.asarray(w) for w in jax.tree.leaves(params)]
     axes = [axes_of(g) for g in grads]
-    norms = [n.astype(_F32) for n in _norms.unit_norms(grads + weights, axes + axes)]
+    norms = _norms.unit_norms(grads + weights, axes + axes)
     g_norms, w_norms = norms[: len(grads)], norms[len(grads) :]
-    scales = [
-      range_scale(g, lam * jnp.maximum(w, floor)) for g, w in zip(g_norms, w_norms, strict=True)
-    ]
+
+    def scale(g: jax.Array, w: jax.Array) -> _scaling.Scale:
+      lam = _hyperparams.bound(clipping, None, g.dtype)
+      return range_scale(
+        g, lam * jnp.maximum(w.astype(g.dtype), _hyperparams.bound(eps, None, g.dtype))
+      )
+
+    scales = [scale(g, w) for g, w in zip(g_norms, w_norms, strict=True)]
     new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
     moved = [jnp.sum(s.changes(), dtype=jnp.int32) for s in scales]
     units = jnp.sum(jnp.stack(moved)) if moved else jnp.zeros([], jnp.int32)
-    lowest = [jnp.min(s.value(), initial=1.0) for s in scales]
+    like = lambda x: x.astype(state.grad_norm.dtype)
+    lowest = [like(jnp.min(s.value(), initial=1.0)) for s in scales]
     return jax.tree.unflatten(treedef, new), AdaptiveGradClipState(
-      grad_norm=_norms.norm_of_norms(g_norms),
-      clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones([], _F32),
-      clip_threshold=lam,
+      grad_norm=like(_norms.norm_of_norms(g_norms)),
+      clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones_like(state.clip_scale),
+      clip_threshold=like(_hyperparams.bound(clipping, None, state.grad_norm.dtype)),
       units_clipped=units,
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, units > 0),

@@ -9,18 +9,15 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
-from optax_momclip._clipping import hyperparam
+from optax_momclip._hyperparams import ScheduleOrScalar, bound, complement, evaluate
 from optax_momclip._momentum import (
   check_nesterov,
-  complement,
   compute_dtype,
   heavy_ball_leaf,
   init_buffer,
   unzip,
 )
-from optax_momclip._validation import ScheduleOrScalar
 
-_F32 = jnp.float32
 # torch.nn.utils.clip_grad_norm_ divides by total_norm + 1e-6.
 _TORCH_NORM_EPS = 1e-6
 
@@ -58,7 +55,7 @@ def momclip_sgd(
   clip_value: float | jax.Array | None = None,
   nesterov: bool = False,
   dampening: float | jax.Array = 0.0,
-  weight_decay: float | jax.Array = 0.0,
+  weight_decay: float | jax.Array | None = None,
   accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clipped SGD with momentum, equal step for step to PyTorch's.
@@ -94,8 +91,9 @@ def momclip_sgd(
     nesterov: use ``g + μb``; needs ``μ > 0`` and ``d = 0`` as in PyTorch.
       Default False.
     dampening: ``d`` in ``[0, 1]``. Default 0.
-    weight_decay: ``λ >= 0``, PyTorch's coupled L2 decay; when non-zero (or
-      traced) ``update`` needs ``params``. Default 0.
+    weight_decay: ``λ >= 0``, PyTorch's coupled L2 decay; when set (concrete
+      and non-zero, or traced) ``update`` needs ``params``. Default None: no
+      decay (None rather than 0, so ``optax.inject_hyperparams`` leaves it out).
     accumulator_dtype: dtype the buffer is stored in (e.g. ``jnp.bfloat16``);
       the step is computed in float32 and updates keep the gradient's dtype.
       Default None: each param's dtype.
@@ -128,22 +126,25 @@ def momclip_sgd(
   _validation.check_scalar(fn, "learning_rate", learning_rate, low=0.0, schedule=True)
   _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0, schedule=True)
   if max_norm is not None:
-    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
   if clip_value is not None:
-    _validation.check_scalar(fn, "clip_value", clip_value, low=0.0)
+    _validation.check_scalar(fn, "clip_value", clip_value, low=0.0, infinite=True)
   _validation.check_scalar(fn, "dampening", dampening, low=0.0, high=1.0)
-  _validation.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
+  if weight_decay is not None:
+    _validation.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
   check_nesterov(fn, nesterov, momentum, dampening)
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
-  decays = _validation.concrete_float(weight_decay) != 0.0
+  decay = 0.0 if weight_decay is None else weight_decay
+  decays = weight_decay is not None and _validation.concrete_float(weight_decay) != 0.0
 
   def init_fn(params: Any) -> MomclipSgdState:
+    dtype = _norms.statistics_dtype(params)
     return MomclipSgdState(
       count=jnp.zeros([], jnp.int32),
       momentum_buffer=init_buffer(params, accumulator_dtype),
-      grad_norm=jnp.zeros([], _F32),
-      clip_scale=jnp.ones([], _F32),
-      clip_threshold=jnp.asarray(0.0 if max_norm is None else max_norm, _F32),
+      grad_norm=jnp.zeros([], dtype),
+      clip_scale=jnp.ones([], dtype),
+      clip_threshold=jnp.zeros([], dtype) if max_norm is None else bound(max_norm, None, dtype),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
 
@@ -154,15 +155,15 @@ def momclip_sgd(
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     if decays and params is None:
       raise ValueError(f"{fn}: weight_decay={weight_decay!r} needs params in update()")
-    count = state.count
-    lr, mu = hyperparam(learning_rate, count), hyperparam(momentum, count)
-    undamped = complement(dampening, count)
+    count, dtype = state.count, _norms.statistics_dtype(updates)
+    lr, mu = evaluate(learning_rate, count, dtype), evaluate(momentum, count, dtype)
+    undamped = complement(dampening, count, dtype)
     fresh = (count == 0) | (mu == 0)
-    wd = jnp.asarray(weight_decay, _F32)
-    norm, scale = jnp.zeros([], _F32), _scaling.unit(jnp.ones([], _F32))
+    norm, scale = jnp.zeros([], dtype), _scaling.unit(jnp.ones([], dtype))
+    threshold = state.clip_threshold
     if max_norm is not None:
-      threshold = jnp.asarray(max_norm, _F32)
-      norm = _norms.global_norm(updates).astype(_F32)
+      norm = _norms.global_norms([updates])[0]
+      threshold = bound(max_norm, None, norm.dtype)
       scale = _torch_clip_coefficient(threshold, norm)
 
     clip = _scaling.scaler(scale)
@@ -173,13 +174,13 @@ def momclip_sgd(
       if max_norm is not None:
         x = clip(x)
       if clip_value is not None:
-        v = jnp.asarray(clip_value, _F32)
+        v = bound(clip_value, None, _scaling.scale_dtype(dtype))
         if jnp.iscomplexobj(x):  # by modulus, keeping the phase
           x = _scaling.clip_modulus(x, v)
         else:
           x = jnp.clip(x, -v.astype(dtype), v.astype(dtype))
       if p is not None:
-        x = x + wd.astype(dtype) * p.astype(dtype)
+        x = x + evaluate(decay, count, _scaling.scale_dtype(dtype)).astype(dtype) * p.astype(dtype)
       u, new = heavy_ball_leaf(x, b, mu, undamped, fresh, nesterov)
       return ((-lr).astype(dtype) * u).astype(g.dtype), new.astype(b.dtype)
 
@@ -191,12 +192,13 @@ def momclip_sgd(
     steps_clipped = jnp.where(
       scale.changes(), optax.safe_increment(state.steps_clipped), state.steps_clipped
     )
+    like = lambda x: x.astype(state.grad_norm.dtype)
     return out, MomclipSgdState(
       count=optax.safe_increment(count),
       momentum_buffer=buf,
-      grad_norm=norm,
-      clip_scale=scale.value(),
-      clip_threshold=state.clip_threshold if max_norm is None else threshold,
+      grad_norm=like(norm),
+      clip_scale=like(scale.value()),
+      clip_threshold=like(threshold),
       steps_clipped=steps_clipped,
     )
 

@@ -8,17 +8,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
+from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
+from optax_momclip._hyperparams import ScheduleOrScalar
 from optax_momclip._scaling import range_scale, scale_leaf, scale_tree
-from optax_momclip._validation import ScheduleOrScalar
 
-_F32 = jnp.float32
 _NONFINITE = ("propagate", "zero")
-
-
-def hyperparam(value: ScheduleOrScalar, step: jax.Array) -> jax.Array:
-  """A hyperparameter as a float32 scalar, evaluating a schedule at ``step``."""
-  return jnp.asarray(value(step) if callable(value) else value, _F32)
 
 
 def zeros_where(tree: Any, zero: jax.Array) -> Any:
@@ -31,14 +25,14 @@ class ClipByValueState(NamedTuple):
 
   Attributes:
     grad_norm: the largest magnitude of the incoming updates, ``max|g|``
-      (their inf-norm), before clipping. f32[].
-    clip_threshold: the upper bound ``max_value`` used. f32[].
+      (their inf-norm), before clipping. f32[] (f64[] for float64 params).
+    clip_threshold: the upper bound ``max_value`` used. f32[] (f64[]).
     steps_seen: updates processed (saturating). i32[].
     steps_clipped: updates in which at least one element was clipped. i32[].
   """
 
-  grad_norm: jax.Array  # f32[]
-  clip_threshold: jax.Array  # f32[]
+  grad_norm: jax.Array  # f32[] (f64[] for float64 params)
+  clip_threshold: jax.Array  # f32[] (f64[])
   steps_seen: jax.Array  # i32[]
   steps_clipped: jax.Array  # i32[]
 
@@ -78,30 +72,34 @@ def clip_by_value(
   """
   fn = "clip_by_value"
   if min_value is None:
-    _validation.check_scalar(fn, "max_value", max_value, low=0.0)
+    _validation.check_scalar(fn, "max_value", max_value, low=0.0, infinite=True)
   else:
-    _validation.check_scalar(fn, "max_value", max_value)
-    _validation.check_scalar(fn, "min_value", min_value)
+    _validation.check_scalar(fn, "max_value", max_value, infinite=True)
+    _validation.check_scalar(fn, "min_value", min_value, infinite=True)
     _validation.check_order(fn, "min_value", min_value, "max_value", max_value)
 
   def init_fn(params: Any) -> ClipByValueState:
-    del params
+    dtype = _norms.statistics_dtype(params)
     return ClipByValueState(
-      grad_norm=jnp.zeros([], _F32),
-      clip_threshold=jnp.asarray(max_value, _F32),
+      grad_norm=jnp.zeros([], dtype),
+      clip_threshold=jnp.asarray(max_value, dtype),
       steps_seen=jnp.zeros([], jnp.int32),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
+
+  def bounds(dtype: Any) -> tuple[jax.Array, jax.Array]:
+    hi = _hyperparams.evaluate(max_value, None, dtype)
+    return hi, -hi if min_value is None else _hyperparams.evaluate(min_value, None, dtype)
 
   def update_fn(
     updates: Any, state: ClipByValueState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByValueState]:
     del params, extra_args
-    hi = jnp.asarray(max_value, _F32)
-    lo = -hi if min_value is None else jnp.asarray(min_value, _F32)
     new, largest, clipped = [], [], []
     leaves, treedef = jax.tree.flatten(updates)
     for g in map(jnp.asarray, leaves):
+      # The bounds are rounded once, to the leaf's own precision (or float32's, if narrower).
+      hi, lo = bounds(_scaling.scale_dtype(g.dtype))
       if jnp.iscomplexobj(g):
         out, top, moved = _clip_modulus(g, hi)
       else:
@@ -113,11 +111,11 @@ def clip_by_value(
         top, moved = jnp.maximum(jnp.abs(big), jnp.abs(small)), (big > b) | (small < a)
       new.append(out)
       if g.size:
-        largest.append(top.astype(_F32))
+        largest.append(top.astype(state.grad_norm.dtype))
         clipped.append(moved)
     return jax.tree.unflatten(treedef, new), ClipByValueState(
-      grad_norm=jnp.max(jnp.stack(largest)) if largest else jnp.zeros([], _F32),
-      clip_threshold=hi,
+      grad_norm=jnp.max(jnp.stack(largest)) if largest else jnp.zeros_like(state.grad_norm),
+      clip_threshold=bounds(state.clip_threshold.dtype)[0],
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, tree_any(clipped)),
     )
@@ -141,11 +139,11 @@ def tree_any(tree: Any) -> jax.Array:
   return jnp.any(jnp.stack(leaves)) if leaves else jnp.array(False)
 
 
-def clip_stats_init() -> dict[str, jax.Array]:
+def clip_stats_init(dtype: Any) -> dict[str, jax.Array]:
   """Initial values of the statistics every global clip keeps (but ``clip_threshold``)."""
   return {
-    "grad_norm": jnp.zeros([], _F32),
-    "clip_scale": jnp.ones([], _F32),
+    "grad_norm": jnp.zeros([], dtype),
+    "clip_scale": jnp.ones([], dtype),
     "steps_seen": jnp.zeros([], jnp.int32),
     "steps_clipped": jnp.zeros([], jnp.int32),
   }
@@ -160,18 +158,18 @@ class ClipByNormState(NamedTuple):
 
   Attributes:
     grad_norm: a tree like the updates holding each leaf's pre-clip norm: f32[]
-      per leaf, or f32 with the reduced ``axis`` kept as size 1 when ``axis``
-      is given.
+      per leaf (f64 for a float64 leaf), or with the reduced ``axis`` kept as
+      size 1 when ``axis`` is given.
     clip_scale: a tree like ``grad_norm`` with the factor each leaf (or
-      slice) was multiplied by. f32.
-    clip_threshold: ``max_norm``. f32[].
+      slice) was multiplied by, rounded to its dtype.
+    clip_threshold: ``max_norm``. f32[] (f64[] for float64 params).
     steps_seen: updates processed (saturating). i32[].
     steps_clipped: updates in which at least one leaf or slice was rescaled. i32[].
   """
 
-  grad_norm: Any  # tree of f32
-  clip_scale: Any  # tree of f32
-  clip_threshold: jax.Array  # f32[]
+  grad_norm: Any  # tree of f32 (f64 for float64 leaves)
+  clip_scale: Any  # tree of f32 (f64)
+  clip_threshold: jax.Array  # f32[] (f64[])
   steps_seen: jax.Array  # i32[]
   steps_clipped: jax.Array  # i32[]
 
@@ -180,7 +178,7 @@ def clip_by_norm(
   max_norm: float | jax.Array,
   *,
   min_norm: float | jax.Array = 0.0,
-  ord: float = 2,
+  ord: float | None = None,
   axis: int | tuple[int, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Clamps the norm of each leaf (or of each slice along ``axis``) into a range.
@@ -194,10 +192,11 @@ def clip_by_norm(
   ``axis`` is one unit. Non-finite norms leave their leaf unscaled.
 
   Args:
-    max_norm: upper bound, >= 0.
+    max_norm: upper bound, in ``[0, inf]``.
     min_norm: lower bound, in ``[0, max_norm]``. Default 0: no lower bound.
-    ord: 1, 2 (default) or ``inf``.
-    axis: None (default: the whole leaf), an int or a tuple of ints.
+    ord: 1, 2 or ``inf``; None (default) is 2, as in NumPy.
+    axis: None (default: the whole leaf), an int or a tuple of ints, each axis
+      once.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a `ClipByNormState`.
@@ -212,18 +211,20 @@ def clip_by_norm(
     [0.6 0.8] [0.3 0.4] 5.0
   """
   fn = "clip_by_norm"
-  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
   _validation.check_scalar(fn, "min_norm", min_norm, low=0.0)
   _validation.check_order(fn, "min_norm", min_norm, "max_norm", max_norm)
-  _validation.check_ord(fn, ord)
+  order = _validation.check_ord(fn, ord)
   _validation.check_axes(fn, "axis", axis)
 
   def init_fn(params: Any) -> ClipByNormState:
-    zeros = jax.tree.map(lambda x: jnp.zeros(_kept_shape(jnp.shape(x), axis), _F32), params)
+    zeros = jax.tree.map(
+      lambda x: jnp.zeros(_kept_shape(jnp.shape(x), axis), _norms.statistics_dtype(x)), params
+    )
     return ClipByNormState(
       grad_norm=zeros,
       clip_scale=jax.tree.map(jnp.ones_like, zeros),
-      clip_threshold=jnp.asarray(max_norm, _F32),
+      clip_threshold=jnp.asarray(max_norm, _norms.statistics_dtype(params)),
       steps_seen=jnp.zeros([], jnp.int32),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
@@ -235,22 +236,26 @@ def clip_by_norm(
     _validation.check_tree_matches(
       fn, updates, state.grad_norm, shape_of=lambda shape: _kept_shape(shape, axis)
     )
-    hi, lo = jnp.asarray(max_norm, _F32), jnp.asarray(min_norm, _F32)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(g) for g in leaves]
-    axes = [_norms.resolve_axes(g.ndim, axis) for g in leaves]
+    axes = [_norms.resolve_axes(g.ndim, axis, fn) for g in leaves]
+    kept = jax.tree.leaves(state.grad_norm)
     norms = [
-      jnp.reshape(n, _kept_shape(g.shape, axis)).astype(_F32)
-      for n, g in zip(_norms.unit_norms(leaves, axes, ord=ord), leaves, strict=True)
+      jnp.reshape(n, _kept_shape(g.shape, axis)).astype(k.dtype)
+      for n, g, k in zip(_norms.unit_norms(leaves, axes, ord=order), leaves, kept, strict=True)
     ]
-    scales = [range_scale(n, hi, lo) for n in norms]
+    bounds = lambda dtype: (
+      _hyperparams.bound(max_norm, None, dtype),
+      _hyperparams.bound(min_norm, None, dtype),
+    )
+    scales = [range_scale(n, *bounds(n.dtype)) for n in norms]
     new = [scale_leaf(g, s) for g, s in zip(leaves, scales, strict=True)]
     clipped = tree_any([jnp.any(s.changes()) for s in scales])
     as_tree = lambda xs: jax.tree.unflatten(treedef, xs)
     return as_tree(new), ClipByNormState(
       grad_norm=as_tree(norms),
-      clip_scale=as_tree([s.value().astype(_F32) for s in scales]),
-      clip_threshold=hi,
+      clip_scale=as_tree([s.value() for s in scales]),
+      clip_threshold=bounds(state.clip_threshold.dtype)[0],
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, clipped),
     )
@@ -271,7 +276,8 @@ class ClipByGlobalNormState(NamedTuple):
   """State of `clip_by_global_norm`.
 
   Attributes:
-    grad_norm: the global norm of the incoming updates, before clipping. f32[].
+    grad_norm: the global norm of the incoming updates, before clipping. f32[]
+      (f64[] for float64 params, as every float field here).
     clip_scale: the factor the updates were multiplied by (1 when in range or
       propagated, 0 when zeroed), rounded to float32: below its smallest
       normal number it reads 0, though the updates were scaled exactly. f32[].
@@ -292,7 +298,7 @@ def clip_by_global_norm(
   max_norm: ScheduleOrScalar,
   *,
   min_norm: float | jax.Array = 0.0,
-  ord: float = 2,
+  ord: float | None = None,
   axis_name: str | tuple[str, ...] | None = None,
   nonfinite: str = "propagate",
 ) -> optax.GradientTransformationExtraArgs:
@@ -315,10 +321,11 @@ def clip_by_global_norm(
   norm, so a norm just above ``c`` is clipped to exactly ``c``.
 
   Args:
-    max_norm: the upper bound ``c`` (>= 0), or a schedule ``step -> c``
-      evaluated at ``steps_seen``.
+    max_norm: the upper bound ``c`` in ``[0, inf]``, or a schedule ``step ->
+      c`` evaluated at ``steps_seen``; a schedule value below 0 or NaN counts
+      as 0 (the update is zeroed, never flipped or let through).
     min_norm: the lower bound ``m``, in ``[0, max_norm]``. Default 0.
-    ord: 1, 2 (default) or ``inf``.
+    ord: 1, 2 or ``inf``; None (default) is 2, as in NumPy.
     axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
       over; the norm is then the global one across it. Default None.
     nonfinite: ``"propagate"`` (default) returns a NaN/Inf-norm update
@@ -342,38 +349,37 @@ def clip_by_global_norm(
     networks*, 2013, https://arxiv.org/abs/1211.5063
   """
   fn = "clip_by_global_norm"
-  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, schedule=True)
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, schedule=True, infinite=True)
   _validation.check_scalar(fn, "min_norm", min_norm, low=0.0)
   _validation.check_order(fn, "min_norm", min_norm, "max_norm", max_norm)
-  _validation.check_ord(fn, ord)
+  order = _validation.check_ord(fn, ord)
   _validation.check_axis_name(fn, axis_name)
   _validation.check_choice(fn, "nonfinite", nonfinite, _NONFINITE)
 
   def init_fn(params: Any) -> ClipByGlobalNormState:
-    del params
+    dtype = _norms.statistics_dtype(params)
     return ClipByGlobalNormState(
-      grad_norm=jnp.zeros([], _F32),
-      clip_scale=jnp.ones([], _F32),
-      clip_threshold=hyperparam(max_norm, jnp.zeros([], jnp.int32)),
-      steps_seen=jnp.zeros([], jnp.int32),
-      steps_clipped=jnp.zeros([], jnp.int32),
+      clip_threshold=_hyperparams.bound(max_norm, jnp.zeros([], jnp.int32), dtype),
+      **clip_stats_init(dtype),
     )
 
   def update_fn(
     updates: Any, state: ClipByGlobalNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByGlobalNormState]:
     del params, extra_args
-    threshold = hyperparam(max_norm, state.steps_seen)
-    norm = _norms.global_norm(updates, ord=ord, axis_name=axis_name).astype(_F32)
+    norm = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0]
+    hi = _hyperparams.bound(max_norm, state.steps_seen, norm.dtype)
+    lo = _hyperparams.bound(min_norm, state.steps_seen, norm.dtype)
     fallback = 1.0 if nonfinite == "propagate" else 0.0
-    scale = range_scale(norm, threshold, jnp.asarray(min_norm, _F32), nonfinite=fallback)
+    scale = range_scale(norm, hi, lo, nonfinite=fallback)
     new = scale_tree(updates, scale)
     if nonfinite == "zero":
       new = zeros_where(new, ~jnp.isfinite(norm))
+    like = lambda x: x.astype(state.grad_norm.dtype)
     return new, ClipByGlobalNormState(
-      grad_norm=norm,
-      clip_scale=scale.value().astype(_F32),
-      clip_threshold=threshold,
+      grad_norm=like(norm),
+      clip_scale=like(scale.value()),
+      clip_threshold=like(hi),
       steps_seen=optax.safe_increment(state.steps_seen),
       steps_clipped=count_if(state.steps_clipped, scale.changes()),
     )

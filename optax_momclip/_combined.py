@@ -9,11 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
-from optax_momclip._clipping import hyperparam
-from optax_momclip._momentum import cast_like, complement, ema_tree, init_buffer
+from optax_momclip._hyperparams import bound, complement, evaluate
+from optax_momclip._momentum import cast_like, ema_tree, init_buffer
 from optax_momclip._scaling import range_scale
-
-_F32 = jnp.float32
 
 
 class ClippedMomentumState(NamedTuple):
@@ -43,7 +41,7 @@ def clipped_momentum(
   momentum: float | jax.Array = 0.9,
   *,
   nu: float | jax.Array = 1.0,
-  ord: float = 2,
+  ord: float | None = None,
   axis_name: str | tuple[str, ...] | None = None,
   accumulator_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -61,10 +59,10 @@ def clipped_momentum(
   term unscaled so the problem stays visible.
 
   Args:
-    max_norm: the threshold ``c``, >= 0.
+    max_norm: the threshold ``c``, in ``[0, inf]``.
     momentum: ``β`` in ``[0, 1]``. Default 0.9.
     nu: ``ν`` in ``[0, 1]``. Default 1.
-    ord: the norm, 1, 2 (default) or ``inf``.
+    ord: the norm, 1, 2 or ``inf``; None (default) is 2, as in NumPy.
     axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
       over; the norms are then global across it. Default None.
     accumulator_dtype: dtype ``m`` is stored in; updates keep the gradient's
@@ -88,20 +86,21 @@ def clipped_momentum(
     Non-convex Optimization*, 2020, https://arxiv.org/abs/2010.02519
   """
   fn = "clipped_momentum"
-  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+  _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
   _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0)
   _validation.check_scalar(fn, "nu", nu, low=0.0, high=1.0)
-  _validation.check_ord(fn, ord)
+  order = _validation.check_ord(fn, ord)
   _validation.check_axis_name(fn, axis_name)
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
 
   def init_fn(params: Any) -> ClippedMomentumState:
+    dtype = _norms.statistics_dtype(params)
     return ClippedMomentumState(
       count=jnp.zeros([], jnp.int32),
       momentum_buffer=init_buffer(params, accumulator_dtype),
-      grad_norm=jnp.zeros([], _F32),
-      momentum_norm=jnp.zeros([], _F32),
-      clip_threshold=jnp.asarray(max_norm, _F32),
+      grad_norm=jnp.zeros([], dtype),
+      momentum_norm=jnp.zeros([], dtype),
+      clip_threshold=bound(max_norm, None, dtype),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
 
@@ -110,11 +109,12 @@ def clipped_momentum(
   ) -> tuple[Any, ClippedMomentumState]:
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
-    c = jnp.asarray(max_norm, _F32)
-    v, one_minus_v = hyperparam(nu, state.count), complement(nu, state.count)
+    dtype = state.grad_norm.dtype
+    c = bound(max_norm, None, dtype)
+    v, one_minus_v = evaluate(nu, state.count, dtype), complement(nu, state.count, dtype)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
     m_norm, g_norm = (
-      n.astype(_F32) for n in _norms.global_norms([new, updates], ord=ord, axis_name=axis_name)
+      n.astype(dtype) for n in _norms.global_norms([new, updates], ord=order, axis_name=axis_name)
     )
     m_scale, g_scale = range_scale(m_norm, c), range_scale(g_norm, c)
     m_weight, g_weight = m_scale.times(v), g_scale.times(one_minus_v)
@@ -207,7 +207,7 @@ def normalized_momentum(
     return NormalizedMomentumState(
       count=jnp.zeros([], jnp.int32),
       momentum_buffer=init_buffer(params, accumulator_dtype),
-      momentum_norm=jnp.zeros([], _F32),
+      momentum_norm=jnp.zeros([], _norms.statistics_dtype(params)),
     )
 
   def update_fn(
@@ -216,8 +216,9 @@ def normalized_momentum(
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
-    norm = _norms.global_norm(new, axis_name=axis_name).astype(_F32)
-    floor = jnp.maximum(norm, jnp.asarray(eps, _F32))
+    dtype = state.momentum_norm.dtype
+    norm = _norms.global_norms([new], axis_name=axis_name)[0].astype(dtype)
+    floor = jnp.maximum(norm, evaluate(eps, None, dtype))
     inv = _scaling.ratio(1.0, floor)
     scale = _scaling.scaler(inv)
     out = jax.tree.map(lambda g, m: scale(m).astype(jnp.asarray(g).dtype), updates, new)

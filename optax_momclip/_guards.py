@@ -12,10 +12,8 @@ import optax
 from jax.extend import core as jex_core
 from jax.extend import source_info_util
 
-from optax_momclip import _adaptive, _eager, _metrics, _norms, _validation
+from optax_momclip import _adaptive, _eager, _hyperparams, _metrics, _norms, _validation
 from optax_momclip._clipping import count_if
-
-_F32 = jnp.float32
 
 
 class SkipBadStepsState(NamedTuple):
@@ -72,7 +70,9 @@ def skip_bad_steps(
 
   where μ, σ² are the mean and population variance of the first
   ``warmup_steps`` accepted norms, then EMAs with decay ``alpha``
-  (``μ ← αμ + (1-α)x``, ``σ² ← ασ² + (1-α)(x - μ)²``). The statistics are
+  (``μ ← αμ + (1-α)x``, ``σ² ← ασ² + (1-α)(x - μ)²``). While σ is below
+  ``1e-3·μ`` (say, after identical norms) no step is a spike: such a spread
+  says nothing, and dividing by it would skip every larger norm forever. The statistics are
   updated on accepted steps only, so a skipped NaN or spike never poisons
   them (rolling-window rules that record the bad value skip every later step
   of the window). No spike is detected during the warm-up. After
@@ -139,12 +139,13 @@ def skip_bad_steps(
     raise TypeError(
       f"{fn}: inner must be an optax.GradientTransformation, got {type(inner).__name__}"
     )
-  if not isinstance(skip_nonfinite, bool):
-    raise TypeError(f"{fn}: skip_nonfinite must be a bool, got {skip_nonfinite!r}")
+  _validation.check_bool(fn, "skip_nonfinite", skip_nonfinite)
   if max_norm is not None:
-    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0)
+    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
   if spike_zscore is not None:
-    _validation.check_scalar(fn, "spike_zscore", spike_zscore, low=0.0, low_open=True)
+    _validation.check_scalar(
+      fn, "spike_zscore", spike_zscore, low=0.0, low_open=True, infinite=True
+    )
   _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
   _validation.check_count(fn, "warmup_steps", warmup_steps)
   if max_consecutive_skips is not None:
@@ -155,15 +156,16 @@ def skip_bad_steps(
   def init_fn(params: Any) -> SkipBadStepsState:
     # A fresh array per field: one array in two fields cannot be donated.
     zero = lambda: jnp.zeros([], jnp.int32)
+    dtype = _norms.statistics_dtype(params)
     return SkipBadStepsState(
       inner_state=inner.init(params),
-      checked_norm=jnp.zeros([], _F32),
+      checked_norm=jnp.zeros([], dtype),
       steps_checked=zero(),
       steps_skipped=zero(),
       consecutive_skips=zero(),
       last_step_skipped=jnp.zeros([], bool),
-      spike_mean=jnp.zeros([], _F32),
-      spike_var=jnp.zeros([], _F32),
+      spike_mean=jnp.zeros([], dtype),
+      spike_var=jnp.zeros([], dtype),
       spike_count=zero(),
       consecutive_spikes=zero(),
       spike_restarts=zero(),
@@ -172,15 +174,16 @@ def skip_bad_steps(
   def update_fn(
     updates: Any, state: SkipBadStepsState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, SkipBadStepsState]:
-    norm = _norms.global_norm(updates, axis_name=axis_name).astype(_F32)
+    dtype = state.checked_norm.dtype
+    norm = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
     finite = jnp.isfinite(norm)
     bad = jnp.zeros([], bool)  # a finite step to skip
     if max_norm is not None:
-      bad |= finite & (norm > jnp.asarray(max_norm, _F32))
+      bad |= finite & (norm > _hyperparams.bound(max_norm, None, dtype))
     if spike_zscore is not None:
-      z, _ = _adaptive.zscore(norm, state.spike_mean, state.spike_var)
+      z, _, _ = _adaptive.zscore(norm, state.spike_mean, state.spike_var)
       warm = state.spike_count < warmup_steps
-      bad |= finite & ~warm & (z > jnp.asarray(spike_zscore, _F32))
+      bad |= finite & ~warm & (z > _hyperparams.evaluate(spike_zscore, None, dtype))
     skip = bad | ~finite if skip_nonfinite else bad
     fed = finite & ~skip
     mean, var, count = _adaptive.norm_statistics(
@@ -190,13 +193,13 @@ def skip_bad_steps(
       state.spike_var,
       state.spike_count,
       warmup_steps,
-      jnp.asarray(alpha, _F32),
+      _hyperparams.evaluate(alpha, None, dtype),
     )
     spikes = jnp.where(fed, 0, count_if(state.consecutive_spikes, bad))
     restart = jnp.zeros([], bool)
     if max_consecutive_skips is not None:
       restart = bad & (spikes >= max_consecutive_skips)
-    zero_f = jnp.zeros([], _F32)
+    zero_f = jnp.zeros([], dtype)
 
     new_updates, new_inner = _update_keeping_state(
       inner.update, skip, updates, state.inner_state, params, extra_args

@@ -11,19 +11,23 @@ import jax.numpy as jnp
 from optax_momclip import _validation
 
 ScheduleOrScalar = float | jax.Array | Callable[[jax.Array], jax.Array]
+Step = jax.Array | None  # None for a transformation without a step counter (and schedules)
 
 
-def evaluate(value: ScheduleOrScalar, step: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def evaluate(value: ScheduleOrScalar, step: Step, dtype: Any = jnp.float32) -> jax.Array:
   """``value``, or a schedule's ``value(step)``, as a 0-d array of ``dtype``.
 
   ``dtype`` is float32, or float64 for float64 updates under x64, so a Python
   ``0.1`` is rounded once, to the precision the step is computed in; a bf16
   value injected by ``optax.inject_hyperparams`` is widened exactly.
   """
-  return jnp.asarray(value(step) if callable(value) else value, dtype)
+  if callable(value):
+    assert step is not None, "a schedule needs a step counter"
+    return jnp.asarray(value(step), dtype)
+  return jnp.asarray(value, dtype)
 
 
-def complement(value: ScheduleOrScalar, step: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def complement(value: ScheduleOrScalar, step: Step, dtype: Any = jnp.float32) -> jax.Array:
   """``1 - value`` as a 0-d array of ``dtype``, like `evaluate`.
 
   A concrete number is subtracted in float64 before rounding (as optax and
@@ -37,7 +41,7 @@ def complement(value: ScheduleOrScalar, step: jax.Array, dtype: Any = jnp.float3
   return 1 - evaluate(value, step, dtype)
 
 
-def bound(value: ScheduleOrScalar, step: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+def bound(value: ScheduleOrScalar, step: Step, dtype: Any = jnp.float32) -> jax.Array:
   """A bound (``max_norm``, a threshold) like `evaluate`; a negative or NaN value reads 0.
 
   Only a traced value can be negative or NaN (a schedule's, or one injected

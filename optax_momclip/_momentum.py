@@ -10,9 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from optax_momclip import _eager, _validation
-from optax_momclip._clipping import hyperparam
-from optax_momclip._validation import ScheduleOrScalar
+from optax_momclip import _eager, _norms, _validation
+from optax_momclip._hyperparams import ScheduleOrScalar, complement, evaluate
 
 _F32 = jnp.float32
 
@@ -44,20 +43,6 @@ def init_buffer(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> Any:
 def unzip(like: Any, pairs: Any, n: int = 2) -> tuple[Any, ...]:
   """Splits a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees."""
   return tuple(jax.tree.map(lambda _, o, i=i: o[i], like, pairs) for i in range(n))
-
-
-def complement(value: ScheduleOrScalar, step: jax.Array) -> jax.Array:
-  """``1 - value`` as a float32 scalar, like `hyperparam`.
-
-  A concrete number is subtracted in float64 before rounding (as optax and
-  PyTorch do with Python floats), so ``1 - 0.8`` is the float32 nearest 0.2,
-  not ``1 - float32(0.8)``.
-  """
-  if not callable(value):
-    v = _validation.concrete_float(value)
-    if v is not None:
-      return jnp.asarray(1.0 - v, _F32)
-  return 1 - hyperparam(value, step)
 
 
 def heavy_ball_leaf(
@@ -96,7 +81,8 @@ def cast_like(tree: Any, like: Any) -> Any:
 
 def ema_tree(updates: Any, buffer: Any, decay: ScheduleOrScalar, count: jax.Array) -> Any:
   """The new moving average ``decay·m + (1 - decay)·g`` of every leaf, unrounded."""
-  beta, weight = hyperparam(decay, count), complement(decay, count)
+  dtype = _norms.statistics_dtype(updates)
+  beta, weight = evaluate(decay, count, dtype), complement(decay, count, dtype)
   return jax.tree.map(lambda g, m: ema_leaf(g, m, beta, weight), updates, buffer)
 
 
@@ -197,8 +183,9 @@ def heavy_ball(
   ) -> tuple[Any, HeavyBallState]:
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
-    mu = hyperparam(momentum, state.count)
-    undamped = complement(dampening, state.count)
+    dtype = _norms.statistics_dtype(updates)
+    mu = evaluate(momentum, state.count, dtype)
+    undamped = complement(dampening, state.count, dtype)
     fresh = (state.count == 0) | (mu == 0)
     pairs = jax.tree.map(
       lambda g, b: heavy_ball_leaf(g, b, mu, undamped, fresh, nesterov),
@@ -270,13 +257,14 @@ def ema_momentum(
   """
   fn = "ema_momentum"
   _validation.check_scalar(fn, "decay", decay, low=0.0, high=1.0, schedule=True)
+  _validation.check_bool(fn, "debias", debias)
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
 
   def init_fn(params: Any) -> EmaMomentumState:
     return EmaMomentumState(
       count=jnp.zeros([], jnp.int32),
       momentum_buffer=init_buffer(params, accumulator_dtype),
-      decay_product=jnp.ones([], _F32),
+      decay_product=jnp.ones([], _norms.statistics_dtype(params)),
     )
 
   def update_fn(
@@ -285,7 +273,8 @@ def ema_momentum(
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     new = ema_tree(updates, state.momentum_buffer, decay, state.count)
-    product = state.decay_product * hyperparam(decay, state.count)
+    dtype = state.decay_product.dtype
+    product = state.decay_product * evaluate(decay, state.count, dtype)
     out = new
     if debias:
       correction = 1 - product
@@ -366,8 +355,9 @@ def qhm(
   ) -> tuple[Any, QhmState]:
     del params, extra_args
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
-    beta, weight = hyperparam(momentum, state.count), complement(momentum, state.count)
-    v, one_minus_v = hyperparam(nu, state.count), complement(nu, state.count)
+    dtype = _norms.statistics_dtype(updates)
+    beta, weight = evaluate(momentum, state.count, dtype), complement(momentum, state.count, dtype)
+    v, one_minus_v = evaluate(nu, state.count, dtype), complement(nu, state.count, dtype)
 
     def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
       new = ema_leaf(g, b, beta, weight)
@@ -450,7 +440,7 @@ def aggmo(
     _validation.check_tree_matches(
       fn, updates, state.momentum_buffer, shape_of=lambda shape: (k, *shape)
     )
-    beta = jnp.stack([jnp.asarray(b, _F32) for b in betas])
+    beta = jnp.stack([evaluate(b, state.count, _norms.statistics_dtype(updates)) for b in betas])
 
     def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
       dtype = compute_dtype(g.dtype, v.dtype)
@@ -498,9 +488,9 @@ def demon(
   _validation.check_positive_int(fn, "total_steps", total_steps)
 
   def schedule(step: jax.Array) -> jax.Array:
-    beta0 = jnp.asarray(momentum_init, _F32)
+    beta0 = evaluate(momentum_init, step)
     # (T - t)/T rather than 1 - t/T: exact 0 at t = T even when XLA divides by a reciprocal.
-    t = jnp.clip(jnp.asarray(step, _F32), 0.0, float(total_steps))
+    t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, float(total_steps))
     left = (float(total_steps) - t) / float(total_steps)
     return beta0 * left / (complement(momentum_init, step) + beta0 * left)
 

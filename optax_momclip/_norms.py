@@ -26,6 +26,16 @@ def accumulation_dtype(dtype: Any) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
+def statistics_dtype(tree: Any) -> jnp.dtype:
+  """The dtype a tree's norms, bounds and statistics are kept in: float32, or float64 for 64-bit.
+
+  Accepts arrays, ``jax.ShapeDtypeStruct`` leaves and Python numbers, so a
+  state's dtypes can be fixed at ``init`` from the params.
+  """
+  dtypes = [x.dtype if hasattr(x, "dtype") else jnp.result_type(x) for x in jax.tree.leaves(tree)]
+  return jnp.dtype(jnp.result_type(jnp.float32, *(accumulation_dtype(d) for d in dtypes)))
+
+
 def leaves_of(tree: Any) -> list[jax.Array]:
   """The array leaves of ``tree`` (Python numbers become arrays; None and MaskedNode vanish)."""
   return [jnp.asarray(x) for x in jax.tree.leaves(tree)]
@@ -233,26 +243,27 @@ def unit_norms(
 
 
 def norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
-  """The L2 norm of already computed norms (say, per unit) taken as one vector, in float32.
+  """The L2 norm of already computed norms (say, per unit) taken as one vector.
 
-  Exact without a rescue branch: these arrays are small, so a second pass
-  costs little; every norm is divided by the power of two nearest their
-  largest before squaring, which rounds nothing.
+  In float32, or float64 if any is. Exact without a rescue branch: these
+  arrays are small, so a second pass costs little; every norm is divided by
+  the power of two nearest their largest before squaring, which rounds nothing.
   """
-  norms = [jnp.asarray(n, jnp.float32) for n in norms]
+  dtype = jnp.result_type(jnp.float32, *(jnp.asarray(n).dtype for n in norms))
+  norms = [jnp.asarray(n, dtype) for n in norms]
   if not norms:
-    return jnp.zeros([], jnp.float32)
+    return jnp.zeros([], dtype)
   # Per array, then over scalars: arrays sharded differently are never concatenated.
   big = jnp.max(jnp.stack([jnp.max(n, initial=0) for n in norms]))
-  usable = jnp.isfinite(big) & (big >= jnp.finfo(jnp.float32).tiny)
+  usable = jnp.isfinite(big) & (big >= jnp.finfo(dtype).tiny)
   _, e = _scaling.split(jnp.where(usable, big, 1.0))
   half = e // 2
-  p = [_scaling.pow2(x, jnp.float32) for x in (-half, half - e, half, e - half)]
+  p = [_scaling.pow2(x, dtype) for x in (-half, half - e, half, e - half)]
   total = jnp.sum(jnp.stack([jnp.sum(jnp.square(n * p[0] * p[1])) for n in norms]))
   return jnp.where(usable, jnp.sqrt(total) * p[2] * p[3], big)
 
 
-def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax.Array:
+def global_norm(tree: Any, *, ord: float | None = 2, axis_name: AxisName = None) -> jax.Array:
   r"""The norm of a whole pytree, as if its leaves were one flat vector.
 
   .. math:: \|g\|_p = \Big(\sum_{\text{leaves}} \sum_i |g_i|^p\Big)^{1/p},
@@ -278,7 +289,7 @@ def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax
 
   Args:
     tree: a pytree of arrays.
-    ord: 1, 2 (default) or ``inf``.
+    ord: 1, 2 (default; None also means 2, as in NumPy) or ``inf``.
     axis_name: name (or tuple of names) of a mapped axis of ``shard_map`` or
       ``pmap`` over which the tree is sharded; the norm is then reduced over
       it (``psum``, or ``pmax`` for ``inf``). Default None: no reduction.
@@ -297,22 +308,28 @@ def global_norm(tree: Any, *, ord: float = 2, axis_name: AxisName = None) -> jax
     >>> print(omc.global_norm({"w": jnp.array([1e38, 1.0]), "z": jnp.array([3 + 4j])}))
     1e+38
   """
-  _validation.check_ord("global_norm", ord)
+  ord = _validation.check_ord("global_norm", ord)
   _validation.check_axis_name("global_norm", axis_name)
   return global_norms([tree], ord=ord, axis_name=axis_name)[0]
 
 
-def resolve_axes(ndim: int, axis: Axes) -> tuple[int, ...] | None:
+def resolve_axes(ndim: int, axis: Axes, fn: str = "resolve_axes") -> tuple[int, ...] | None:
   """Normalises ``axis`` for an array of rank ``ndim``; None means every axis.
 
   A leaf whose rank cannot hold every requested axis is treated as one unit.
+
+  Raises:
+    ValueError: two entries of ``axis`` name the same axis of this rank (``(0, -2)`` at rank 2).
   """
   if axis is None:
     return None
   axes = (axis,) if isinstance(axis, int) else tuple(axis)
   if any(not -ndim <= a < ndim for a in axes):
     return None
-  return tuple(sorted(a % ndim for a in axes))
+  resolved = tuple(sorted(a % ndim for a in axes))
+  if len(set(resolved)) != len(resolved):
+    raise ValueError(f"{fn}: axis={axis!r} names the same axis twice for a leaf of rank {ndim}")
+  return resolved
 
 
 def unit_axes(ndim: int) -> tuple[int, ...] | None:

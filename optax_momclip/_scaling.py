@@ -118,7 +118,7 @@ def range_scale(
   hi, lo = jnp.asarray(max_norm, dtype), jnp.asarray(min_norm, dtype)
   finite = jnp.isfinite(norm)
   move = finite & (norm > 0) & ((norm > hi) | (norm < lo))
-  target = jnp.where(norm > hi, hi, lo)
+  target = jnp.minimum(jnp.where(norm > hi, hi, lo), hi)  # the upper bound wins
   moved = ratio(jnp.where(move, target, 1), jnp.where(move, norm, 1))
   keep = Scale(jnp.where(finite, 1, jnp.asarray(nonfinite, dtype)), jnp.ones_like(norm))
   return where(move, moved, keep)

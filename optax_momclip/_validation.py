@@ -152,6 +152,8 @@ def check_axes(fn: str, name: str, axis: Any) -> None:
   )
   if not ok:
     raise TypeError(f"{fn}: {name} must be None, an int or a tuple of ints, got {axis!r}")
+  if isinstance(axis, tuple) and len(set(axis)) != len(axis):
+    raise ValueError(f"{fn}: {name} must name each axis once, got {axis!r}")
 
 
 def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> int:

@@ -124,7 +124,7 @@ def test_weight_decay_needs_params():
   [
     (dict(learning_rate=-0.1), r"momclip_sgd: learning_rate must be in \[0, inf\), got -0.1"),
     (dict(learning_rate=0.1, momentum=1.1), r"momclip_sgd: momentum must be in \[0, 1\]"),
-    (dict(learning_rate=0.1, max_norm=-1.0), r"momclip_sgd: max_norm must be in \[0, inf\)"),
+    (dict(learning_rate=0.1, max_norm=-1.0), r"momclip_sgd: max_norm must be in \[0, inf\]"),
     (dict(learning_rate=0.1, clip_value=-1.0), r"momclip_sgd: clip_value must be in"),
     (dict(learning_rate=0.1, weight_decay=-1.0), r"momclip_sgd: weight_decay must be in"),
     (dict(learning_rate=0.1, dampening=0.5, nesterov=True), r"momclip_sgd: nesterov=True"),

@@ -278,8 +278,8 @@ def test_metrics_see_the_guard_and_what_it_wraps():
   "kwargs, err, match",
   [
     ({"inner": "sgd"}, TypeError, "skip_bad_steps: inner must be an optax.GradientTransformation"),
-    ({"skip_nonfinite": 1}, TypeError, "skip_nonfinite must be a bool"),
-    ({"max_norm": -1.0}, ValueError, r"skip_bad_steps: max_norm must be in \[0, inf\)"),
+    ({"skip_nonfinite": 1}, TypeError, "skip_nonfinite must be True or False"),
+    ({"max_norm": -1.0}, ValueError, r"skip_bad_steps: max_norm must be in \[0, inf\]"),
     ({"spike_zscore": 0.0}, ValueError, "skip_bad_steps: spike_zscore"),
     ({"alpha": 2.0}, ValueError, "skip_bad_steps: alpha"),
     ({"warmup_steps": 0}, ValueError, "skip_bad_steps: warmup_steps must be >= 1, got 0"),

@@ -91,7 +91,7 @@ def test_float64_stays_float64_under_x64():
 
 
 def test_bad_arguments_are_named():
-  with pytest.raises(ValueError, match=r"global_norm: ord must be one of 1, 2 or inf, got 3"):
+  with pytest.raises(ValueError, match=r"global_norm: ord must be None, 1, 2 or inf, got 3"):
     omc.global_norm({"x": jnp.ones(2)}, ord=3)
   with pytest.raises(TypeError, match="global_norm: axis_name"):
     omc.global_norm({"x": jnp.ones(2)}, axis_name=0)
