@@ -15,7 +15,7 @@ from optax_momclip._scaling import range_scale, scale_tree
 # ZClip's eps in the z-score denominator (reference implementation).
 _Z_EPS = 1e-6
 # The smallest spread, relative to the mean, that a z-score is taken against (see `zscore`).
-_INFORMATIVE = 1e-3
+_INFORMATIVE = 1e-2
 
 
 class AutoClipState(NamedTuple):
@@ -216,7 +216,7 @@ def zscore(
   """``(z, σ, informative)``: ZClip's ``z = (norm - μ)/(σ + 1e-6)``, where σ says something.
 
   A z-score measures a norm against the spread of the recent ones. Where
-  that spread is below ``1e-3·|μ|`` (identical norms, a warm-up of one step,
+  that spread is below ``0.01·|μ|`` (identical norms, a warm-up of one step,
   or a spread that ZClip's own clipping has shrunk away) it says nothing: a
   division by ``1e-6`` would call every larger norm a spike and, as spikes
   never (or, clipped, barely) enter the statistics, freeze the rule forever.
@@ -257,7 +257,7 @@ def zclip(
   the only rule in force.
 
   Departure from the reference, so the rule never freezes: a z-score is
-  only taken against a spread ``σ >= 1e-3·μ``. With the reference's
+  only taken against a spread ``σ >= 0.01·μ``. With the reference's
   ``σ + 1e-6`` alone, a zero variance (identical norms, a one-step warm-up)
   made every larger norm a huge spike, clipped to μ and fed back as μ, so
   the statistics never moved again; likewise once the clipping of a

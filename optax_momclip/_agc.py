@@ -143,7 +143,7 @@ def adaptive_grad_clip(
     scales = [scale(g, w) for g, w in zip(g_norms, w_norms, strict=True)]
     new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
     moved = [jnp.sum(s.changes(), dtype=jnp.int32) for s in scales]
-    units = jnp.sum(jnp.stack(moved)) if moved else jnp.zeros([], jnp.int32)
+    units = jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
     like = lambda x: x.astype(state.grad_norm.dtype)
     lowest = [like(jnp.min(s.value(), initial=1.0)) for s in scales]
     return jax.tree.unflatten(treedef, new), AdaptiveGradClipState(

@@ -264,7 +264,7 @@ def clip_by_norm(
 
 
 def _kept_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
-  axes = _norms.resolve_axes(len(shape), axis)
+  axes = _norms.resolve_axes(len(shape), axis, "clip_by_norm")
   if axis is None:
     return ()
   if axes is None:

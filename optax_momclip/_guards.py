@@ -71,7 +71,7 @@ def skip_bad_steps(
   where μ, σ² are the mean and population variance of the first
   ``warmup_steps`` accepted norms, then EMAs with decay ``alpha``
   (``μ ← αμ + (1-α)x``, ``σ² ← ασ² + (1-α)(x - μ)²``). While σ is below
-  ``1e-3·μ`` (say, after identical norms) no step is a spike: such a spread
+  ``0.01·μ`` (say, after identical norms) no step is a spike: such a spread
   says nothing, and dividing by it would skip every larger norm forever. The statistics are
   updated on accepted steps only, so a skipped NaN or spike never poisons
   them (rolling-window rules that record the bad value skip every later step

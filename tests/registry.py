@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from collections.abc import Callable
 from typing import Any
 
@@ -32,6 +33,11 @@ class Case:
       it acts on a complex leaf as on its real and imaginary parts side by
       side (None: ``make``).
     clips_modulus: it clips each element's modulus instead, ``z·min(1, c/|z|)``.
+    first: the factory's first argument, for ``optax.inject_hyperparams(factory)(first)``
+      (None: ``numeric``'s value of it).
+    drive: ``(name, value)``: an injected hyperparameter that, set in the state to
+      ``value``, changes the next updates (None: nothing numeric to inject).
+    inject: keyword arguments that ``drive`` needs besides ``first``.
   """
 
   name: str
@@ -43,6 +49,13 @@ class Case:
   eager_anchor: str = "clip"
   make_complex: Callable[[], optax.GradientTransformation] | None = None
   clips_modulus: bool = False
+  first: Any = None
+  drive: tuple[str, float] | None = None
+  inject: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  def first_arg(self) -> Any:
+    name = next(iter(inspect.signature(self.factory).parameters))
+    return self.numeric[name] if self.first is None else self.first
 
 
 CASES: list[Case] = [
@@ -52,6 +65,7 @@ CASES: list[Case] = [
     omc.clip_by_value,
     {"max_value": 0.5},
     clips_modulus=True,
+    drive=("max_value", 0.05),
   ),
   Case(
     "clip_by_norm",
@@ -59,6 +73,7 @@ CASES: list[Case] = [
     omc.clip_by_norm,
     {"max_norm": 1.0, "min_norm": 0.1},
     static_args=("ord",),
+    drive=("max_norm", 0.05),
   ),
   Case(
     "clip_by_global_norm",
@@ -66,6 +81,7 @@ CASES: list[Case] = [
     omc.clip_by_global_norm,
     {"max_norm": 1.0, "min_norm": 0.1},
     static_args=("ord",),
+    drive=("max_norm", 0.05),
   ),
   Case(
     "adaptive_grad_clip",
@@ -73,6 +89,7 @@ CASES: list[Case] = [
     omc.adaptive_grad_clip,
     {"clipping": 0.1, "eps": 1e-3},
     needs_params=True,
+    drive=("clipping", 0.001),
   ),
   Case(
     "autoclip",
@@ -80,12 +97,14 @@ CASES: list[Case] = [
     omc.autoclip,
     {"percentile": 10.0, "window": 4},
     static_args=("window", "ord"),
+    drive=("percentile", 0.0),
   ),
   Case(
     "zclip",
     lambda: omc.zclip(1.0, warmup_steps=1),
     omc.zclip,
     {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 1},
+    drive=("warmup_steps", 1),
   ),
   Case(
     "skip_bad_steps",
@@ -105,6 +124,8 @@ CASES: list[Case] = [
       "warmup_steps": 1,
       "max_consecutive_skips": 2,
     },
+    drive=("max_norm", 0.01),
+    inject={"max_norm": 10.0},
   ),
   Case(
     "heavy_ball",
@@ -112,6 +133,7 @@ CASES: list[Case] = [
     omc.heavy_ball,
     {"momentum": 0.9, "dampening": 0.1},
     eager_anchor="trace",
+    drive=("momentum", 0.1),
   ),
   Case(
     "ema_momentum",
@@ -119,6 +141,7 @@ CASES: list[Case] = [
     omc.ema_momentum,
     {"decay": 0.8},
     eager_anchor="trace",
+    drive=("decay", 0.1),
   ),
   Case(
     "qhm",
@@ -126,9 +149,17 @@ CASES: list[Case] = [
     omc.qhm,
     {"momentum": 0.9, "nu": 0.7},
     eager_anchor="trace",
+    drive=("nu", 0.1),
   ),
   # Powers of two: exact products, so XLA's FMA contraction under jit cannot differ from eager.
-  Case("aggmo", lambda: omc.aggmo((0.0, 0.5, 0.25)), omc.aggmo, {}, eager_anchor="trace"),
+  Case(
+    "aggmo",
+    lambda: omc.aggmo((0.0, 0.5, 0.25)),
+    omc.aggmo,
+    {},
+    eager_anchor="trace",
+    first=(0.0, 0.5, 0.25),  # its only hyperparameter fixes the state's shape: nothing to drive
+  ),
   Case(
     "clipped_momentum",
     lambda: omc.clipped_momentum(1.0, 0.5, nu=0.75),
@@ -136,6 +167,7 @@ CASES: list[Case] = [
     {"max_norm": 1.0, "momentum": 0.5, "nu": 0.75},
     static_args=("ord",),
     eager_anchor="chain",
+    drive=("max_norm", 0.05),
   ),
   Case(
     "normalized_momentum",
@@ -143,6 +175,7 @@ CASES: list[Case] = [
     omc.normalized_momentum,
     {"momentum": 0.5, "eps": 1e-8},
     eager_anchor="chain",
+    drive=("momentum", 0.1),
   ),
   # Powers of two again: with 0.9 and 1e-2 a scanned step and a looped one
   # contract different products into FMAs and differ by an ulp on cancelling sums.
@@ -160,6 +193,7 @@ CASES: list[Case] = [
     {"learning_rate": 0.1, "momentum": 0.5, "max_norm": 1.0, "weight_decay": 2**-6},
     needs_params=True,
     eager_anchor="chain",
+    drive=("learning_rate", 0.5),
     # Its clip_value clips each modulus: tested against NumPy in test_aliases.
     make_complex=lambda: omc.momclip_sgd(
       optax.linear_schedule(0.1, 0.01, 10), 0.5, max_norm=1.0, dampening=0.5, weight_decay=2**-6

@@ -316,3 +316,66 @@ def test_agc_clips_huge_unit_gradients_to_their_bound():
   np.testing.assert_allclose(u["k"][:, 1], [0.0, 1e-30], rtol=1e-6)  # within its bound
   np.testing.assert_allclose(state.grad_norm, np.hypot(3e38, 4e37), rtol=1e-6)
   assert int(state.units_clipped) == 1
+
+
+def _zclip_norms(tx, norms):
+  """The norms of the updates zclip returns for g_t = norm_t·(0.6, 0.8), and its last state."""
+  state = tx.init({"w": jnp.zeros(2)})
+  out = []
+  for n in norms:
+    u, state = tx.update({"w": jnp.array([0.6, 0.8], jnp.float32) * np.float32(n)}, state)
+    out.append(float(omc.global_norm(u)))
+  return np.array(out), state
+
+
+def test_zclip_after_a_zero_variance_follows_a_growing_norm():
+  """Two equal norms give σ = 0: the reference's σ + 1e-6 then clipped every larger norm to μ."""
+  growth = 1.0 + 0.05 * np.arange(1, 21)  # 1.05 ... 2.0
+  norms = np.concatenate([[1.0, 1.0], growth, np.full(300, 2.0)])
+  out, state = _zclip_norms(omc.zclip(2.5, warmup_steps=1), norms)
+  np.testing.assert_allclose(out[-50:], 2.0, rtol=1e-6)  # the level shift was taken in
+  assert float(state.norm_mean) > 1.9
+  # A slow drift (0.1% a step) after a flat warm-up: clipped at first, followed in the end.
+  slow = np.concatenate([[1.0, 1.0], 1.001 ** np.arange(1, 700)])
+  out, _ = _zclip_norms(omc.zclip(2.5, warmup_steps=2), slow)
+  np.testing.assert_allclose(out[-100:], slow[-100:], rtol=1e-6)
+  # The same drift present in the warm-up is never clipped.
+  out, state = _zclip_norms(omc.zclip(2.5, warmup_steps=25), slow[2:])
+  np.testing.assert_allclose(out, slow[2:], rtol=1e-6)
+  assert int(state.steps_clipped) == 0
+
+
+def test_zclip_still_clips_a_spike_against_an_informative_spread():
+  norms = 1.0 + 0.1 * np.sin(np.arange(40))
+  norms[30] = 50.0
+  out, state = _zclip_norms(omc.zclip(2.5, warmup_steps=10), norms)
+  assert out[30] < 2.0 and int(state.steps_clipped) == 1
+
+
+def test_zclip_gradient_is_finite_at_zero_variance():
+  tx = omc.zclip(2.5, warmup_steps=1)
+
+  def f(scale):
+    state = tx.init({"w": jnp.zeros(2)})
+    _, state = tx.update({"w": jnp.array([0.6, 0.8])}, state)  # σ = 0 after one step
+    u, _ = tx.update({"w": jnp.array([0.6, 0.8]) * scale}, state)
+    return jnp.sum(u["w"])
+
+  for scale in [0.5, 1.0, 3.0]:
+    got = jax.grad(f)(jnp.float32(scale))
+    fd = (f(scale + 1e-3) - f(scale - 1e-3)) / 2e-3
+    assert np.isfinite(got)
+    np.testing.assert_allclose(got, fd, rtol=1e-3)
+
+
+def test_clip_by_value_and_the_global_clip_bound_in_float64_under_x64():
+  with jax.enable_x64(True):
+    g = {"w": jnp.array([1.0, -3.0, 0.05], jnp.float64)}
+    u, state = omc.clip_by_value(0.1).update(g, omc.clip_by_value(0.1).init(g))
+    np.testing.assert_array_equal(u["w"], optax.clip(0.1).update(g, None)[0]["w"])
+    assert u["w"][0] == 0.1 and state.clip_threshold == 0.1 and state.grad_norm.dtype == jnp.float64
+    tx = omc.clip_by_global_norm(0.1)
+    u, state = tx.update(g, tx.init(g))
+    norm = np.linalg.norm(np.asarray(u["w"]))
+    assert abs(norm - 0.1) <= 2 * np.spacing(0.1), norm
+    assert state.clip_threshold == 0.1 and state.clip_scale.dtype == jnp.float64

@@ -380,3 +380,106 @@ def test_clip_by_value_counts_a_float64_clip_float32_cannot_see():
     g = {"w": jnp.array([1.0 + 1e-12, 0.5], jnp.float64)}
     u, s = tx.update(g, tx.init(g))
     assert u["w"][0] == 1.0 and s.steps_clipped == 1
+
+
+# ---- every clip over random trees of mixed dtypes, shapes and magnitudes --------------------
+
+_DTYPES = {
+  "float32": (jnp.float32, 60, 4e-6),
+  "bfloat16": (jnp.bfloat16, 60, 1e-2),
+  "float16": (jnp.float16, 6, 2e-3),
+}
+_SHAPES = [(), (0,), (3,), (2, 3), (3, 0), (4, 2)]
+
+
+@st.composite
+def _mixed_trees(draw):
+  """A list of leaves: each its own dtype, shape (zero-size included) and binade."""
+  rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+  leaves = []
+  for _ in range(draw(st.integers(1, 4))):
+    name = draw(st.sampled_from(sorted(_DTYPES)))
+    dtype, span, _ = _DTYPES[name]
+    shape = draw(st.sampled_from(_SHAPES))
+    scale = 2.0 ** draw(st.integers(-span, span))
+    leaves.append(jnp.asarray(rng.normal(size=shape) * scale, dtype))
+  return leaves
+
+
+def _tolerance(tree):
+  return max([_DTYPES[jnp.dtype(x.dtype).name][2] for x in tree] + [4e-6])
+
+
+def _f64(tree):
+  return [np.asarray(x, np.float64) for x in tree]
+
+
+def _cos(a, b):
+  a, b = np.concatenate([x.ravel() for x in a]), np.concatenate([x.ravel() for x in b])
+  return a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+
+
+@settings(max_examples=40, deadline=None)
+@given(_mixed_trees(), st.integers(-6, 6), st.floats(0.0, 1.0))
+def test_property_every_norm_clip_lands_in_range_keeps_direction_and_is_idempotent(
+  tree, exponent, frac
+):
+  hi = 2.0**exponent * 1.5
+  lo = frac * hi
+  tol = _tolerance(tree)
+  g = _f64(tree)
+  for name, tx in [
+    ("global", omc.clip_by_global_norm(hi, min_norm=lo)),
+    ("leaf", omc.clip_by_norm(hi, min_norm=lo)),
+    ("unit", omc.clip_by_norm(hi, min_norm=lo, axis=0)),
+  ]:
+    u, _ = tx.update(tree, tx.init(tree))
+    out = _f64(u)
+    assert [x.dtype for x in u] == [x.dtype for x in tree] and [x.shape for x in u] == [
+      x.shape for x in tree
+    ]
+    if name == "global":
+      groups = [(g, out)]
+    elif name == "leaf":
+      groups = [([a], [b]) for a, b in zip(g, out, strict=True)]
+    else:  # each column of a leaf of rank >= 2 (axis 0), else the whole leaf
+      groups = [
+        ([a[:, j]], [b[:, j]]) if a.ndim >= 2 else ([a], [b])
+        for a, b in zip(g, out, strict=True)
+        for j in range(a.shape[1] if a.ndim >= 2 else 1)
+      ]
+    for before, after in groups:
+      n_in = np.sqrt(sum(np.sum(x * x) for x in before))
+      n_out = np.sqrt(sum(np.sum(x * x) for x in after))
+      if n_in == 0:
+        assert n_out == 0  # zero stays zero
+        continue
+      assert n_out <= hi * (1 + tol), (name, n_out, hi)
+      assert n_out >= min(lo, hi) * (1 - tol) or n_out == 0, (name, n_out, lo)
+      assert _cos(before, after) >= 1 - tol, name
+    again, _ = tx.update(u, tx.init(u))
+    for a, b in zip(_f64(again), out, strict=True):
+      np.testing.assert_allclose(a, b, rtol=2 * tol, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(_mixed_trees(), st.integers(-6, 6))
+def test_property_value_clip_and_agc_bound_every_element_and_unit(tree, exponent):
+  hi = 2.0**exponent * 1.5
+  tol = _tolerance(tree)
+  u, _ = omc.clip_by_value(hi).update(tree, omc.clip_by_value(hi).init(tree))
+  for a, b in zip(_f64(u), _f64(tree), strict=True):
+    assert np.all(np.abs(a) <= hi * (1 + tol))
+    inside = np.abs(b) <= np.float64(hi) * (1 - tol)
+    np.testing.assert_array_equal(a[inside], b[inside])
+  again, _ = omc.clip_by_value(hi).update(u, omc.clip_by_value(hi).init(u))
+  jax.tree.map(np.testing.assert_array_equal, again, u)
+  params = [x * 2 for x in tree]
+  tx = omc.adaptive_grad_clip(0.25)
+  u, _ = tx.update(tree, tx.init(params), params)
+  for a, b, w in zip(_f64(u), _f64(tree), _f64(params), strict=True):
+    axes = tuple(range(a.ndim - 1)) if a.ndim >= 2 else None
+    n_out = np.sqrt(np.sum(a * a, axis=axes))
+    bound = 0.25 * np.maximum(np.sqrt(np.sum(w * w, axis=axes)), 1e-3)
+    assert np.all(n_out <= bound * (1 + tol))
+    assert np.all((a == 0) | (np.sign(a) == np.sign(b)))  # each unit keeps its direction

@@ -1,11 +1,13 @@
 """Every public transformation passes the same contract (DESIGN §4, STYLE 'Tests')."""
 
+import inspect
 import statistics
 import time
 
 import chex
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import optax
 import pytest
@@ -41,9 +43,9 @@ def _grads(step, dtype=jnp.float32):
   }
 
 
-def _run(tx, steps, dtype=jnp.float32, params=None, jit=True):
+def _run(tx, steps, dtype=jnp.float32, params=None, jit=True, state=None):
   params = _params(dtype) if params is None else params
-  state = tx.init(params)
+  state = tx.init(params) if state is None else state
   update = jax.jit(tx.update) if jit else tx.update
   outs = []
   for t in range(steps):
@@ -353,3 +355,103 @@ def test_an_eager_update_costs_at_most_three_of_optax(case: Case):
     for _ in range(3)
   ]
   assert statistics.median(ratios) <= 3.0, ratios
+
+
+# ---------------------------------------------------------------------------------------------
+# Every hyperparameter a user can give: injected the plain way, any dtype, differentiable.
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_inject_hyperparams_the_plain_way(case: Case, dtype):
+  """``optax.inject_hyperparams(factory)(first)``, jitted, no static_args: as with optax's own.
+
+  optax injects every numeric default too, and casts them to the params' dtype (bf16 here).
+  """
+  tx = optax.inject_hyperparams(case.factory)(case.first_arg(), **case.inject)
+  plain = case.factory(case.first_arg(), **case.inject)
+  params = _params(dtype)
+  state, plain_state = jax.jit(tx.init)(params), plain.init(params)
+  before = _dtypes(state)
+  for t in range(3):
+    u, state = jax.jit(tx.update)(_grads(t, dtype), state, params)
+    plain_u, plain_state = jax.jit(plain.update)(_grads(t, dtype), plain_state, params)
+    assert _dtypes(state) == before and _dtypes(u) == _dtypes(_grads(t, dtype))
+    if dtype == jnp.float32:  # bf16-rounded hyperparameters give another trajectory
+      chex.assert_trees_all_close(u, plain_u, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+  "case", [c for c in CASES if c.drive], ids=[c.name for c in CASES if c.drive]
+)
+def test_an_injected_hyperparameter_drives_the_update(case: Case):
+  name, value = case.drive
+  tx = optax.inject_hyperparams(case.factory)(case.first_arg(), **case.inject)
+  params = _params()
+  state = tx.init(params)
+  state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+  first = next(iter(inspect.signature(case.factory).parameters))
+  kwargs = {first: case.first_arg(), **case.inject}
+  injected, _ = _run(tx, 3, params=params, state=state)
+  driven, _ = _run(case.factory(**{**kwargs, name: value}), 3)
+  default, _ = _run(case.factory(**kwargs), 3)
+  chex.assert_trees_all_close(injected, driven, rtol=1e-6, atol=1e-7)
+  assert not all(
+    np.allclose(a, b)
+    for a, b in zip(jax.tree.leaves(driven), jax.tree.leaves(default), strict=True)
+  )
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_state_dtypes_never_change_under_x64(case: Case):
+  """float64 params and updates: float64 statistics from init on, stable through scan and cond."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
+    grads = [jax.tree.map(lambda x: x.astype(jnp.float64), _grads(t)) for t in range(3)]
+    tx = case.make()
+    state = tx.init(params)
+    before = _dtypes(state)
+    floats = {x.dtype for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)}
+    assert floats <= {jnp.dtype(jnp.float64)}, floats
+
+    def body(s, g):
+      u, s = tx.update(g, s, params)
+      return s, u
+
+    final, us = jax.lax.scan(body, state, jax.tree.map(lambda *x: jnp.stack(x), *grads))
+    assert _dtypes(final) == before
+    assert {x.dtype for x in jax.tree.leaves(us)} == {jnp.dtype(jnp.float64)}
+    _, s = jax.jit(
+      lambda g, s: jax.lax.cond(True, lambda: tx.update(g, s, params), lambda: (g, s))
+    )(grads[0], state)
+    assert _dtypes(s) == before
+
+
+def _float_hyperparameters(case):
+  # A tiny eps (1e-8) sits below the finite-difference step: it would be stepped negative.
+  return {k: v for k, v in case.numeric.items() if isinstance(v, float) and v > 1e-4}
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_gradients_match_finite_differences(case: Case):
+  """With respect to the updates and every float hyperparameter, step by step (float64)."""
+  with jax.enable_x64(True):
+    params = jax.tree.map(lambda x: x.astype(jnp.float64), _params())
+    hyper = _float_hyperparameters(case)
+    weights = jax.tree.map(lambda x: jnp.cos(jnp.arange(x.size).reshape(x.shape) + 1.0), params)
+    tx = case.factory(**case.numeric)
+    state = tx.init(params)
+    for t in range(4):
+      g = jax.tree.map(lambda x: x.astype(jnp.float64), _grads(t))
+
+      def loss(g, h, state=state):
+        u, _ = case.factory(**{**case.numeric, **h}).update(g, state, params)
+        return sum(
+          jnp.sum(a * w) for a, w in zip(jax.tree.leaves(u), jax.tree.leaves(weights), strict=True)
+        )
+
+      value, grad = jax.value_and_grad(loss, argnums=(0, 1))(g, hyper)
+      assert np.isfinite(value)
+      assert all(np.isfinite(x).all() for x in jax.tree.leaves(grad)), grad
+      jax.test_util.check_grads(loss, (g, hyper), order=1, modes=["rev"], eps=1e-6, rtol=1e-5)
+      _, state = tx.update(g, state, params)

@@ -90,7 +90,8 @@ def _spike_oracle(norms, z_thr, alpha, warmup, max_norm=None, max_spikes=None):
   for x in np.asarray(norms, np.float64):
     finite = np.isfinite(x)
     warm = len(acc) < warmup
-    z = (x - mean) / (np.sqrt(var) + 1e-6) if finite else np.nan
+    informative = var > 0 and np.sqrt(var) >= 1e-2 * abs(mean)  # a spread worth a z-score
+    z = (x - mean) / (np.sqrt(var) + 1e-6) if finite and informative else 0.0
     bad = finite and ((max_norm is not None and x > max_norm) or (not warm and z > z_thr))
     skip = bad or not finite
     if finite and not skip:
@@ -165,6 +166,22 @@ def test_without_a_restart_a_change_of_scale_is_skipped_forever():
   _, states = _replay(tx, norms)
   assert not states.last_step_skipped[:20].any()
   assert states.last_step_skipped[20:].all() and int(states.consecutive_skips[-1]) == 10
+
+
+def test_after_equal_norms_a_growing_norm_is_followed_not_skipped_forever():
+  """σ = 0 after two equal norms: dividing by 1e-6 skipped every larger norm, forever."""
+  norms = np.concatenate([[1.0, 1.0], 1.001 ** np.arange(1, 200)]).astype(np.float32)
+  tx = omc.skip_bad_steps(optax.sgd(0.1), spike_zscore=3.0, warmup_steps=2)
+  _, states = _replay(tx, norms)
+  skip, mean, _, _ = _spike_oracle(norms, 3.0, 0.99, 2)
+  np.testing.assert_array_equal(states.last_step_skipped, skip)
+  assert not skip.any()
+  np.testing.assert_allclose(states.spike_mean, mean, rtol=1e-5)
+  # A spike against the spread the drift has built is still skipped.
+  spiked = norms.copy()
+  spiked[150] *= 1.5
+  _, states = _replay(tx, spiked)
+  np.testing.assert_array_equal(np.flatnonzero(states.last_step_skipped), [150])
 
 
 def test_skip_nonfinite_false_lets_nan_through():
