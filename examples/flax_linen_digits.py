@@ -44,9 +44,7 @@ class MLP(nn.Module):
 
 def make_optimizer(learning_rate: float = 0.05) -> optax.GradientTransformation:
   """Global-norm clip at 1, then SGD with heavy-ball momentum 0.9."""
-  if hasattr(omc, "momclip_sgd"):
-    return omc.momclip_sgd(learning_rate, 0.9, max_norm=1.0)
-  return optax.chain(omc.clip_by_global_norm(1.0), optax.sgd(learning_rate, momentum=0.9))
+  return omc.momclip_sgd(learning_rate, 0.9, max_norm=1.0)
 
 
 def create_state(seed: int = 0, din: int = 64) -> train_state.TrainState:

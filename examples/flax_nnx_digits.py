@@ -44,9 +44,7 @@ class MLP(nnx.Module):
 
 def make_optimizer(learning_rate: float = 0.05) -> optax.GradientTransformation:
   """Global-norm clip at 1, then SGD with heavy-ball momentum 0.9."""
-  if hasattr(omc, "momclip_sgd"):
-    return omc.momclip_sgd(learning_rate, 0.9, max_norm=1.0)
-  return optax.chain(omc.clip_by_global_norm(1.0), optax.sgd(learning_rate, momentum=0.9))
+  return omc.momclip_sgd(learning_rate, 0.9, max_norm=1.0)
 
 
 def loss_fn(model: MLP, x: jax.Array, y: jax.Array) -> jax.Array:

@@ -4,10 +4,12 @@ from optax_momclip._adaptive import AutoClipState as AutoClipState
 from optax_momclip._adaptive import ZClipState as ZClipState
 from optax_momclip._adaptive import autoclip as autoclip
 from optax_momclip._adaptive import zclip as zclip
-from optax_momclip._agc import AdaptiveGradClipState as AdaptiveGradClipState
-from optax_momclip._agc import adaptive_grad_clip as adaptive_grad_clip
 from optax_momclip._aliases import MomclipSgdState as MomclipSgdState
 from optax_momclip._aliases import momclip_sgd as momclip_sgd
+from optax_momclip._averaged import AggmoState as AggmoState
+from optax_momclip._averaged import QhmState as QhmState
+from optax_momclip._averaged import aggmo as aggmo
+from optax_momclip._averaged import qhm as qhm
 from optax_momclip._clipping import ClipByGlobalNormState as ClipByGlobalNormState
 from optax_momclip._clipping import ClipByNormState as ClipByNormState
 from optax_momclip._clipping import ClipByValueState as ClipByValueState
@@ -21,19 +23,18 @@ from optax_momclip._combined import normalized_momentum as normalized_momentum
 from optax_momclip._guards import SkipBadStepsState as SkipBadStepsState
 from optax_momclip._guards import skip_bad_steps as skip_bad_steps
 from optax_momclip._metrics import metrics as metrics
+from optax_momclip._metrics import register_statistics as register_statistics
 from optax_momclip._metrics import with_value_checks as with_value_checks
-from optax_momclip._momentum import AggmoState as AggmoState
 from optax_momclip._momentum import EmaMomentumState as EmaMomentumState
 from optax_momclip._momentum import HeavyBallState as HeavyBallState
-from optax_momclip._momentum import QhmState as QhmState
-from optax_momclip._momentum import aggmo as aggmo
-from optax_momclip._momentum import demon as demon
 from optax_momclip._momentum import ema_momentum as ema_momentum
 from optax_momclip._momentum import heavy_ball as heavy_ball
-from optax_momclip._momentum import qhm as qhm
 from optax_momclip._norms import global_norm as global_norm
+from optax_momclip._schedules import demon as demon
+from optax_momclip._unitwise import AdaptiveGradClipState as AdaptiveGradClipState
+from optax_momclip._unitwise import adaptive_grad_clip as adaptive_grad_clip
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
   "AdaptiveGradClipState",
@@ -65,6 +66,7 @@ __all__ = [
   "momclip_sgd",
   "normalized_momentum",
   "qhm",
+  "register_statistics",
   "skip_bad_steps",
   "with_value_checks",
   "zclip",

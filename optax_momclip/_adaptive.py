@@ -9,13 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _validation
-from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
+from optax_momclip._clipping import CLIP_STATS, clip_statistics, clip_statistics_init
 from optax_momclip._scaling import range_scale, scale_tree
-
-# ZClip's eps in the z-score denominator (reference implementation).
-_Z_EPS = 1e-6
-# The smallest spread, relative to the mean, that a z-score is taken against (see `zscore`).
-_INFORMATIVE = 1e-2
+from optax_momclip._statistics import Z_EPS, norm_statistics, zscore
 
 
 class AutoClipState(NamedTuple):
@@ -26,7 +22,7 @@ class AutoClipState(NamedTuple):
     clip_scale: the factor the updates were multiplied by. f32[].
     clip_threshold: the percentile of the window used as threshold this step
       (float32's largest value before any finite norm was seen). f32[].
-    steps_seen: updates processed (saturating). i32[].
+    count: updates processed (saturating). i32[].
     steps_clipped: updates that were rescaled. i32[].
     norm_history: ring buffer of the last ``window`` finite norms; slots
       ``[0, history_size)`` are filled. f32[window].
@@ -37,7 +33,7 @@ class AutoClipState(NamedTuple):
   grad_norm: jax.Array  # f32[]
   clip_scale: jax.Array  # f32[]
   clip_threshold: jax.Array  # f32[]
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
   norm_history: jax.Array  # f32[window]
   history_size: jax.Array  # i32[]
@@ -118,11 +114,10 @@ def autoclip(
   def init_fn(params: Any) -> AutoClipState:
     dtype = _norms.statistics_dtype(params)
     return AutoClipState(
-      clip_threshold=jnp.asarray(jnp.finfo(dtype).max, dtype),
+      **clip_statistics_init(dtype, jnp.finfo(dtype).max),
       norm_history=jnp.zeros([size_of_window], dtype),
       history_size=jnp.zeros([], jnp.int32),
       history_index=jnp.zeros([], jnp.int32),
-      **clip_stats_init(dtype),
     )
 
   def update_fn(
@@ -142,11 +137,7 @@ def autoclip(
     threshold = jnp.where(size > 0, threshold, jnp.finfo(dtype).max)
     scale = range_scale(norm, threshold)
     return scale_tree(updates, scale), AutoClipState(
-      grad_norm=norm,
-      clip_scale=scale.value(),
-      clip_threshold=threshold,
-      steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale.changes()),
+      **clip_statistics(state, norm, scale, threshold),
       norm_history=history,
       history_size=size,
       history_index=index,
@@ -164,7 +155,7 @@ class ZClipState(NamedTuple):
     clip_threshold: the norm a spike is clipped to this step, or the level
       above which a norm would count as a spike; capped by ``max_norm``;
       float32's largest value during an uncapped warm-up. f32[].
-    steps_seen: updates processed (saturating). i32[].
+    count: updates processed (saturating). i32[].
     steps_clipped: updates that were rescaled. i32[].
     norm_mean: mean μ of the (clipped) norms: the warm-up mean, then an EMA. f32[].
     norm_var: population variance σ² of the (clipped) norms, likewise. f32[].
@@ -174,60 +165,11 @@ class ZClipState(NamedTuple):
   grad_norm: jax.Array  # f32[]
   clip_scale: jax.Array  # f32[]
   clip_threshold: jax.Array  # f32[]
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
   norm_mean: jax.Array  # f32[]
   norm_var: jax.Array  # f32[]
   stats_count: jax.Array  # i32[]
-
-
-def norm_statistics(
-  norm: jax.Array,
-  fed: jax.Array,
-  mean: jax.Array,
-  var: jax.Array,
-  count: jax.Array,
-  warmup_steps: Any,
-  alpha: jax.Array,
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Feeds ``norm`` (where ``fed``) into a warm-up mean/variance, then an EMA of both.
-
-  While ``count < warmup_steps`` the mean and population variance of the norms
-  so far are kept (Welford's update); afterwards
-  ``μ ← αμ + (1-α)x, σ² ← ασ² + (1-α)(x - μ_new)²`` (ZClip's order). Returns
-  ``(mean, var, count)``, unchanged where not ``fed``.
-  """
-  warm = count < warmup_steps
-  k = (count + 1).astype(mean.dtype)
-  delta = norm - mean
-  w_mean = mean + delta / k
-  w_var = var + (delta * (norm - w_mean) - var) / k
-  e_mean = alpha * mean + (1.0 - alpha) * norm
-  e_var = alpha * var + (1.0 - alpha) * jnp.square(norm - e_mean)
-  new_mean = jnp.where(fed, jnp.where(warm, w_mean, e_mean), mean)
-  new_var = jnp.where(fed, jnp.where(warm, w_var, e_var), var)
-  new_count = jnp.where(fed & warm, count + 1, count)
-  return new_mean, new_var, new_count
-
-
-def zscore(
-  norm: jax.Array, mean: jax.Array, var: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(z, σ, informative)``: ZClip's ``z = (norm - μ)/(σ + 1e-6)``, where σ says something.
-
-  A z-score measures a norm against the spread of the recent ones. Where
-  that spread is below ``0.01·|μ|`` (identical norms, a warm-up of one step,
-  or a spread that ZClip's own clipping has shrunk away) it says nothing: a
-  division by ``1e-6`` would call every larger norm a spike and, as spikes
-  never (or, clipped, barely) enter the statistics, freeze the rule forever.
-  There ``informative`` is false and ``z`` is 0: no step is a spike, and the
-  norms that follow restore the spread. Safe to differentiate at ``σ = 0``.
-  """
-  positive = var > 0
-  std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1)), 0)
-  informative = positive & (std >= _INFORMATIVE * jnp.abs(mean))
-  z = jnp.where(informative, (norm - mean) / (std + _Z_EPS), 0)
-  return z, std, informative
 
 
 def zclip(
@@ -307,11 +249,10 @@ def zclip(
   def init_fn(params: Any) -> ZClipState:
     dtype = _norms.statistics_dtype(params)
     return ZClipState(
-      clip_threshold=cap(dtype),
+      **clip_statistics_init(dtype, cap(dtype)),
       norm_mean=jnp.zeros([], dtype),
       norm_var=jnp.zeros([], dtype),
       stats_count=jnp.zeros([], jnp.int32),
-      **clip_stats_init(dtype),
     )
 
   def update_fn(
@@ -319,21 +260,14 @@ def zclip(
   ) -> tuple[Any, ZClipState]:
     del params, extra_args
     dtype = state.norm_mean.dtype
-    no_limit = jnp.finfo(dtype).max
-    z_thr = _hyperparams.evaluate(z_threshold, None, dtype)
     norm = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
-    finite = jnp.isfinite(norm)
-    warm = state.stats_count < warmup_steps
-    z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
-    spike = finite & ~warm & (z > z_thr)
-    clipped_norm = state.norm_mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)
-    trigger = jnp.where(informative, state.norm_mean + z_thr * (std + _Z_EPS), no_limit)
-    level = jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))
-    limit = jnp.minimum(jnp.where(spike, clipped_norm, no_limit), cap(dtype))
+    z_thr = _hyperparams.evaluate(z_threshold, None, dtype)
+    spike, clipped_norm, level = _zclip_decision(norm, state, z_thr, warmup_steps)
+    limit = jnp.minimum(jnp.where(spike, clipped_norm, jnp.finfo(dtype).max), cap(dtype))
     scale = range_scale(norm, limit)
     mean, var, count = norm_statistics(
       jnp.where(spike, clipped_norm, norm),
-      finite,
+      jnp.isfinite(norm),
       state.norm_mean,
       state.norm_var,
       state.stats_count,
@@ -341,11 +275,7 @@ def zclip(
       _hyperparams.evaluate(alpha, None, dtype),
     )
     return scale_tree(updates, scale), ZClipState(
-      grad_norm=norm,
-      clip_scale=scale.value(),
-      clip_threshold=jnp.minimum(level, cap(dtype)),
-      steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale.changes()),
+      **clip_statistics(state, norm, scale, jnp.minimum(level, cap(dtype))),
       norm_mean=mean,
       norm_var=var,
       stats_count=count,
@@ -354,5 +284,19 @@ def zclip(
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-_metrics.register(AutoClipState, "autoclip", CLIP_STATS)
-_metrics.register(ZClipState, "zclip", (*CLIP_STATS, "norm_mean", "norm_var"))
+def _zclip_decision(
+  norm: jax.Array, state: ZClipState, z_thr: jax.Array, warmup_steps: Any
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(spike, the norm a spike is clipped to, the level reported as clip_threshold)``."""
+  no_limit = jnp.finfo(norm.dtype).max
+  warm = state.stats_count < warmup_steps
+  z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
+  spike = jnp.isfinite(norm) & ~warm & (z > z_thr)
+  clipped_norm = state.norm_mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)
+  trigger = jnp.where(informative, state.norm_mean + z_thr * (std + Z_EPS), no_limit)
+  level = jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))
+  return spike, clipped_norm, level
+
+
+_metrics.register_statistics(AutoClipState, "autoclip", CLIP_STATS)
+_metrics.register_statistics(ZClipState, "zclip", (*CLIP_STATS, "norm_mean", "norm_var"))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -9,12 +11,13 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
+from optax_momclip._clipping import count_if
 from optax_momclip._hyperparams import ScheduleOrScalar, bound, complement, evaluate
 from optax_momclip._momentum import (
   check_nesterov,
   compute_dtype,
   heavy_ball_leaf,
-  init_buffer,
+  momentum_init,
   unzip,
 )
 
@@ -49,10 +52,10 @@ class MomclipSgdState(NamedTuple):
 
 def momclip_sgd(
   learning_rate: ScheduleOrScalar,
-  momentum: ScheduleOrScalar = 0.9,
+  momentum: ScheduleOrScalar = 0.0,
   *,
   max_norm: float | jax.Array | None = None,
-  clip_value: float | jax.Array | None = None,
+  max_value: float | jax.Array | None = None,
   nesterov: bool = False,
   dampening: float | jax.Array = 0.0,
   weight_decay: float | jax.Array | None = None,
@@ -62,8 +65,9 @@ def momclip_sgd(
 
   One step is, in this order, what a PyTorch loop does with
   ``clip_grad_norm_(params, max_norm)``, then ``clip_grad_value_(params,
-  clip_value)``, then ``torch.optim.SGD(lr, momentum, dampening,
-  weight_decay, nesterov).step()``:
+  max_value)``, then ``torch.optim.SGD(lr, momentum, dampening,
+  weight_decay, nesterov).step()``; the defaults are PyTorch's (no momentum,
+  no clip), so ``momclip_sgd(lr)`` is ``torch.optim.SGD(params, lr)``:
 
   .. math::
      g &\leftarrow g \cdot \min\!\big(1, c / (\|g\|_2 + 10^{-6})\big), \qquad
@@ -84,10 +88,11 @@ def momclip_sgd(
 
   Args:
     learning_rate: ``η >= 0``, or a schedule ``step -> η`` evaluated at ``count``.
-    momentum: ``μ`` in ``[0, 1]``, or a schedule. Default 0.9.
+    momentum: ``μ`` in ``[0, 1]``, or a schedule. Default 0, as in PyTorch.
     max_norm: ``c >= 0`` for the global L2 norm clip, or None (default) for none.
-    clip_value: ``v >= 0`` for the elementwise clip to ``[-v, v]`` (of each
-      modulus, phase kept, for complex gradients), or None (default) for none.
+    max_value: ``v >= 0`` for the elementwise clip to ``[-v, v]`` (PyTorch's
+      ``clip_value``; of each modulus, phase kept, for complex gradients), or
+      None (default) for none.
     nesterov: use ``g + μb``; needs ``μ > 0`` and ``d = 0`` as in PyTorch.
       Default False.
     dampening: ``d`` in ``[0, 1]``. Default 0.
@@ -123,25 +128,15 @@ def momclip_sgd(
     networks*, 2013, https://arxiv.org/abs/1211.5063
   """
   fn = "momclip_sgd"
-  _validation.check_scalar(fn, "learning_rate", learning_rate, low=0.0, schedule=True)
-  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0, schedule=True)
-  if max_norm is not None:
-    _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
-  if clip_value is not None:
-    _validation.check_scalar(fn, "clip_value", clip_value, low=0.0, infinite=True)
-  _validation.check_scalar(fn, "dampening", dampening, low=0.0, high=1.0)
-  if weight_decay is not None:
-    _validation.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
+  _check_arguments(fn, learning_rate, momentum, max_norm, max_value, dampening, weight_decay)
   check_nesterov(fn, nesterov, momentum, dampening)
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
-  decay = 0.0 if weight_decay is None else weight_decay
   decays = weight_decay is not None and _validation.concrete_float(weight_decay) != 0.0
 
   def init_fn(params: Any) -> MomclipSgdState:
     dtype = _norms.statistics_dtype(params)
     return MomclipSgdState(
-      count=jnp.zeros([], jnp.int32),
-      momentum_buffer=init_buffer(params, accumulator_dtype),
+      **momentum_init(params, accumulator_dtype),
       grad_norm=jnp.zeros([], dtype),
       clip_scale=jnp.ones([], dtype),
       clip_threshold=jnp.zeros([], dtype) if max_norm is None else bound(max_norm, None, dtype),
@@ -155,54 +150,118 @@ def momclip_sgd(
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     if decays and params is None:
       raise ValueError(f"{fn}: weight_decay={weight_decay!r} needs params in update()")
-    count, dtype = state.count, _norms.statistics_dtype(updates)
-    lr, mu = evaluate(learning_rate, count, dtype), evaluate(momentum, count, dtype)
-    undamped = complement(dampening, count, dtype)
-    fresh = (count == 0) | (mu == 0)
-    norm, scale = jnp.zeros([], dtype), _scaling.unit(jnp.ones([], dtype))
-    threshold = state.clip_threshold
-    if max_norm is not None:
-      norm = _norms.global_norms([updates])[0]
-      threshold = bound(max_norm, None, norm.dtype)
-      scale = _torch_clip_coefficient(threshold, norm)
-
-    clip = _scaling.scaler(scale)
-
-    def leaf(g: jax.Array, b: jax.Array, p: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-      dtype = compute_dtype(g.dtype, b.dtype)
-      x = g.astype(dtype)
-      if max_norm is not None:
-        x = clip(x)
-      if clip_value is not None:
-        v = bound(clip_value, None, _scaling.scale_dtype(dtype))
-        if jnp.iscomplexobj(x):  # by modulus, keeping the phase
-          x = _scaling.clip_modulus(x, v)
-        else:
-          x = jnp.clip(x, -v.astype(dtype), v.astype(dtype))
-      if p is not None:
-        x = x + evaluate(decay, count, _scaling.scale_dtype(dtype)).astype(dtype) * p.astype(dtype)
-      u, new = heavy_ball_leaf(x, b, mu, undamped, fresh, nesterov)
-      return ((-lr).astype(dtype) * u).astype(g.dtype), new.astype(b.dtype)
-
-    if decays:
-      pairs = jax.tree.map(leaf, updates, state.momentum_buffer, params)
-    else:
-      pairs = jax.tree.map(lambda g, b: leaf(g, b, None), updates, state.momentum_buffer)
-    out, buf = unzip(updates, pairs)
-    steps_clipped = jnp.where(
-      scale.changes(), optax.safe_increment(state.steps_clipped), state.steps_clipped
+    norm, scale, threshold = _norm_clip(updates, max_norm, state.clip_threshold)
+    step = _SgdStep.at(
+      state.count,
+      _norms.statistics_dtype(updates),
+      clip=None if max_norm is None else _scaling.scaler(scale),
+      max_value=max_value,
+      weight_decay=weight_decay if decays else None,
+      learning_rate=learning_rate,
+      momentum=momentum,
+      dampening=dampening,
+      nesterov=nesterov,
     )
+    decayed = params if decays else state.momentum_buffer  # read only when decaying
+    out, buf = unzip(updates, jax.tree.map(step, updates, state.momentum_buffer, decayed))
     like = lambda x: x.astype(state.grad_norm.dtype)
     return out, MomclipSgdState(
-      count=optax.safe_increment(count),
+      count=optax.safe_increment(state.count),
       momentum_buffer=buf,
       grad_norm=like(norm),
       clip_scale=like(scale.value()),
       clip_threshold=like(threshold),
-      steps_clipped=steps_clipped,
+      steps_clipped=count_if(state.steps_clipped, scale.changes()),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+
+
+def _check_arguments(
+  fn: str,
+  learning_rate: Any,
+  momentum: Any,
+  max_norm: Any,
+  max_value: Any,
+  dampening: Any,
+  weight_decay: Any,
+) -> None:
+  _validation.check_scalar(fn, "learning_rate", learning_rate, low=0.0, schedule=True)
+  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0, schedule=True)
+  for name, value in (("max_norm", max_norm), ("max_value", max_value)):
+    if value is not None:
+      _validation.check_scalar(fn, name, value, low=0.0, infinite=True)
+  _validation.check_scalar(fn, "dampening", dampening, low=0.0, high=1.0)
+  if weight_decay is not None:
+    _validation.check_scalar(fn, "weight_decay", weight_decay, low=0.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class _SgdStep:
+  """One leaf of `momclip_sgd`'s step: clip, value-clip, decay, heavy ball, scale, in one pass."""
+
+  clip: Callable[[Any], jax.Array] | None
+  max_value: jax.Array | None
+  weight_decay: jax.Array | None  # None: no decay, and the third tree is not read
+  lr: jax.Array
+  mu: jax.Array
+  undamped: jax.Array
+  fresh: jax.Array
+  nesterov: bool
+
+  @classmethod
+  def at(
+    cls,
+    count: jax.Array,
+    dtype: Any,
+    *,
+    clip: Any,
+    max_value: Any,
+    weight_decay: Any,
+    learning_rate: Any,
+    momentum: Any,
+    dampening: Any,
+    nesterov: bool,
+  ) -> _SgdStep:
+    """The step at ``count``: schedules evaluated and hyperparameters rounded to ``dtype``."""
+    return cls(
+      clip=clip,
+      max_value=None if max_value is None else bound(max_value, None, dtype),
+      weight_decay=None if weight_decay is None else evaluate(weight_decay, count, dtype),
+      lr=evaluate(learning_rate, count, dtype),
+      mu=evaluate(momentum, count, dtype),
+      undamped=complement(dampening, count, dtype),
+      fresh=count == 0,
+      nesterov=nesterov,
+    )
+
+  def __call__(self, g: jax.Array, b: jax.Array, p: jax.Array) -> tuple[Any, Any]:
+    dtype = compute_dtype(g.dtype, b.dtype)
+    x = jnp.asarray(g).astype(dtype)
+    if self.clip is not None:
+      x = self.clip(x)
+    if self.max_value is not None:
+      if jnp.iscomplexobj(x):  # by modulus, keeping the phase
+        x = _scaling.clip_modulus(x, self.max_value)
+      else:
+        x = jnp.clip(x, -self.max_value.astype(dtype), self.max_value.astype(dtype))
+    if self.weight_decay is not None:
+      x = x + self.weight_decay.astype(dtype) * p.astype(dtype)
+    fresh = self.fresh | (self.mu == 0)  # PyTorch keeps no buffer: b = g
+    u, new = heavy_ball_leaf(x, b, self.mu, self.undamped, fresh, self.nesterov)
+    return ((-self.lr).astype(dtype) * u).astype(g.dtype), new.astype(b.dtype)
+
+
+def _norm_clip(
+  updates: Any, max_norm: Any, threshold: jax.Array
+) -> tuple[jax.Array, _scaling.Scale, jax.Array]:
+  """``(grad_norm, clip_grad_norm_'s factor, max_norm)``; norm 0 and factor 1 with no clip."""
+  if max_norm is None:
+    dtype = _norms.statistics_dtype(updates)
+    return jnp.zeros([], dtype), _scaling.unit(jnp.zeros([], dtype)), threshold
+  norm = _norms.global_norms([updates])[0]
+  threshold = bound(max_norm, None, norm.dtype)
+  return norm, _torch_clip_coefficient(threshold, norm), threshold
 
 
 def _torch_clip_coefficient(max_norm: jax.Array, norm: jax.Array) -> _scaling.Scale:
@@ -215,7 +274,7 @@ def _torch_clip_coefficient(max_norm: jax.Array, norm: jax.Array) -> _scaling.Sc
   return _scaling.where(above, _scaling.unit(norm), coefficient)
 
 
-_metrics.register(
+_metrics.register_statistics(
   MomclipSgdState,
   "momclip_sgd",
   ("grad_norm", "clip_scale", "clip_threshold", "count", "steps_clipped"),

@@ -10,14 +10,54 @@ import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
 from optax_momclip._hyperparams import ScheduleOrScalar
-from optax_momclip._scaling import range_scale, scale_leaf, scale_tree
+from optax_momclip._scaling import Scale, range_scale, scale_leaf, scale_tree
 
 _NONFINITE = ("propagate", "zero")
 
 
-def zeros_where(tree: Any, zero: jax.Array) -> Any:
-  """``tree`` with every leaf replaced by zeros where the bool scalar ``zero`` holds."""
-  return jax.tree.map(lambda g: jnp.where(zero, jnp.zeros_like(g), g), tree)
+# ---- the bookkeeping every clip shares ---------------------------------------------------
+
+
+def count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
+  """``counter + 1`` (saturating) where ``cond``, else ``counter``."""
+  return jnp.where(cond, optax.safe_increment(counter), counter)
+
+
+def any_of(flags: list[jax.Array]) -> jax.Array:
+  """True when any of a list of bool arrays is (False for an empty list)."""
+  return jnp.any(jnp.stack([jnp.any(f) for f in flags])) if flags else jnp.array(False)
+
+
+def clip_statistics_init(dtype: Any, threshold: Any) -> dict[str, jax.Array]:
+  """The statistics a clip keeps, before its first step, as keyword arguments of its state."""
+  return {
+    "grad_norm": jnp.zeros([], dtype),
+    "clip_scale": jnp.ones([], dtype),
+    "clip_threshold": jnp.asarray(threshold, dtype),
+    "count": jnp.zeros([], jnp.int32),
+    "steps_clipped": jnp.zeros([], jnp.int32),
+  }
+
+
+def clip_statistics(
+  state: Any, norm: jax.Array, scale: Scale, threshold: jax.Array
+) -> dict[str, jax.Array]:
+  """The statistics after a step that multiplied the updates by ``scale``, in the state's dtype."""
+  like = lambda x: jnp.asarray(x).astype(state.grad_norm.dtype)
+  return {
+    "grad_norm": like(norm),
+    "clip_scale": like(scale.value()),
+    "clip_threshold": like(threshold),
+    "count": optax.safe_increment(state.count),
+    "steps_clipped": count_if(state.steps_clipped, jnp.any(scale.changes())),
+  }
+
+
+# Fields every clip's state shares, in this order; `metrics` reports them.
+CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "count", "steps_clipped")
+
+
+# ---- clip_by_value -----------------------------------------------------------------------
 
 
 class ClipByValueState(NamedTuple):
@@ -27,13 +67,13 @@ class ClipByValueState(NamedTuple):
     grad_norm: the largest magnitude of the incoming updates, ``max|g|``
       (their inf-norm), before clipping. f32[] (f64[] for float64 params).
     clip_threshold: the upper bound ``max_value`` used. f32[] (f64[]).
-    steps_seen: updates processed (saturating). i32[].
+    count: updates processed (saturating). i32[].
     steps_clipped: updates in which at least one element was clipped. i32[].
   """
 
   grad_norm: jax.Array  # f32[] (f64[] for float64 params)
   clip_threshold: jax.Array  # f32[] (f64[])
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
 
 
@@ -49,6 +89,7 @@ def clip_by_value(
   is clipped to the bound, as ``torch.clamp`` and ``optax.clip`` do. A complex
   element has its modulus clipped, ``|z| <= max_value``, its phase kept
   (``optax.clip`` rejects complex updates); ``min_value`` must then be None.
+  The bounds are rounded once, to each leaf's precision (float32 at least).
 
   Args:
     max_value: upper bound ``b``, >= 0 when ``min_value`` is None.
@@ -83,7 +124,7 @@ def clip_by_value(
     return ClipByValueState(
       grad_norm=jnp.zeros([], dtype),
       clip_threshold=jnp.asarray(max_value, dtype),
-      steps_seen=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
 
@@ -95,62 +136,44 @@ def clip_by_value(
     updates: Any, state: ClipByValueState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByValueState]:
     del params, extra_args
-    new, largest, clipped = [], [], []
     leaves, treedef = jax.tree.flatten(updates)
-    for g in map(jnp.asarray, leaves):
-      # The bounds are rounded once, to the leaf's own precision (or float32's, if narrower).
-      hi, lo = bounds(_scaling.scale_dtype(g.dtype))
-      if jnp.iscomplexobj(g):
-        out, top, moved = _clip_modulus(g, hi)
-      else:
-        # One max and one min give both the clip decision and max|g|. The decision
-        # compares in the leaf's dtype, as the clip does (a float64 1 + 1e-12 is clipped to 1).
-        b, a = hi.astype(g.dtype), lo.astype(g.dtype)
-        out = jnp.clip(g, a, b)
-        big, small = jnp.max(g, initial=-jnp.inf), jnp.min(g, initial=jnp.inf)
-        top, moved = jnp.maximum(jnp.abs(big), jnp.abs(small)), (big > b) | (small < a)
-      new.append(out)
-      if g.size:
-        largest.append(top.astype(state.grad_norm.dtype))
-        clipped.append(moved)
-    return jax.tree.unflatten(treedef, new), ClipByValueState(
+    clipped = [_clip_leaf(fn, jnp.asarray(g), bounds, min_value is None) for g in leaves]
+    largest = [
+      top.astype(state.grad_norm.dtype)
+      for g, (_, top, _) in zip(leaves, clipped, strict=True)
+      if jnp.size(g)
+    ]
+    return jax.tree.unflatten(treedef, [out for out, _, _ in clipped]), ClipByValueState(
       grad_norm=jnp.max(jnp.stack(largest)) if largest else jnp.zeros_like(state.grad_norm),
       clip_threshold=bounds(state.clip_threshold.dtype)[0],
-      steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, tree_any(clipped)),
+      count=optax.safe_increment(state.count),
+      steps_clipped=count_if(state.steps_clipped, any_of([moved for _, _, moved in clipped])),
     )
-
-  def _clip_modulus(g: jax.Array, hi: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    # A complex element keeps its phase: its modulus is clipped.
-    if min_value is not None:
-      raise ValueError(
-        f"{fn}: complex updates are clipped by modulus, |z| <= max_value, so min_value must "
-        f"be None, got {min_value!r}"
-      )
-    top = jnp.max(jnp.abs(g), initial=0)
-    return _scaling.clip_modulus(g, hi), top, top > hi.astype(top.dtype)
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-def tree_any(tree: Any) -> jax.Array:
-  """True when any leaf of a tree of bool scalars is true (False for an empty tree)."""
-  leaves = jax.tree.leaves(tree)
-  return jnp.any(jnp.stack(leaves)) if leaves else jnp.array(False)
+def _clip_leaf(
+  fn: str, g: jax.Array, bounds: Any, symmetric: bool
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(clipped leaf, max|g|, whether an element moved)``."""
+  hi, lo = bounds(_scaling.scale_dtype(g.dtype))
+  if jnp.iscomplexobj(g):
+    if not symmetric:
+      raise ValueError(
+        f"{fn}: complex updates are clipped by modulus, |z| <= max_value, so min_value must be None"
+      )
+    top = jnp.max(jnp.abs(g), initial=0)
+    return _scaling.clip_modulus(g, hi), top, top > hi.astype(top.dtype)
+  # One max and one min give both the clip decision and max|g|. The decision compares in
+  # the leaf's dtype, as the clip does (a float64 1 + 1e-12 is clipped to 1).
+  b, a = hi.astype(g.dtype), lo.astype(g.dtype)
+  big, small = jnp.max(g, initial=-jnp.inf), jnp.min(g, initial=jnp.inf)
+  top = jnp.maximum(jnp.abs(big), jnp.abs(small))
+  return jnp.clip(g, a, b), top, (big > b) | (small < a)
 
 
-def clip_stats_init(dtype: Any) -> dict[str, jax.Array]:
-  """Initial values of the statistics every global clip keeps (but ``clip_threshold``)."""
-  return {
-    "grad_norm": jnp.zeros([], dtype),
-    "clip_scale": jnp.ones([], dtype),
-    "steps_seen": jnp.zeros([], jnp.int32),
-    "steps_clipped": jnp.zeros([], jnp.int32),
-  }
-
-
-def count_if(counter: jax.Array, cond: jax.Array) -> jax.Array:
-  return jnp.where(cond, optax.safe_increment(counter), counter)
+# ---- clip_by_norm ------------------------------------------------------------------------
 
 
 class ClipByNormState(NamedTuple):
@@ -163,14 +186,14 @@ class ClipByNormState(NamedTuple):
     clip_scale: a tree like ``grad_norm`` with the factor each leaf (or
       slice) was multiplied by, rounded to its dtype.
     clip_threshold: ``max_norm``. f32[] (f64[] for float64 params).
-    steps_seen: updates processed (saturating). i32[].
+    count: updates processed (saturating). i32[].
     steps_clipped: updates in which at least one leaf or slice was rescaled. i32[].
   """
 
   grad_norm: Any  # tree of f32 (f64 for float64 leaves)
   clip_scale: Any  # tree of f32 (f64)
   clip_threshold: jax.Array  # f32[] (f64[])
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
 
 
@@ -189,7 +212,8 @@ def clip_by_norm(
   A zero leaf stays zero. ``axis`` names the axes a norm is taken over, as in
   ``jnp.linalg.norm``: ``axis=0`` on a Flax ``Dense`` kernel ``(in, out)``
   clips each output unit's column. A leaf with too few dimensions for
-  ``axis`` is one unit. Non-finite norms leave their leaf unscaled.
+  ``axis`` is one unit. Non-finite norms leave their leaf unscaled. The norms
+  are exact at any magnitude and share one rescue branch (see `global_norm`).
 
   Args:
     max_norm: upper bound, in ``[0, inf]``.
@@ -216,16 +240,21 @@ def clip_by_norm(
   _validation.check_order(fn, "min_norm", min_norm, "max_norm", max_norm)
   order = _validation.check_ord(fn, ord)
   _validation.check_axes(fn, "axis", axis)
+  kept_shape = lambda shape: _kept_shape(fn, shape, axis)
+  bounds = lambda dtype: (
+    _hyperparams.bound(max_norm, None, dtype),
+    _hyperparams.bound(min_norm, None, dtype),
+  )
 
   def init_fn(params: Any) -> ClipByNormState:
-    zeros = jax.tree.map(
-      lambda x: jnp.zeros(_kept_shape(jnp.shape(x), axis), _norms.statistics_dtype(x)), params
+    norms = jax.tree.map(
+      lambda x: jnp.zeros(kept_shape(jnp.shape(x)), _norms.statistics_dtype(x)), params
     )
     return ClipByNormState(
-      grad_norm=zeros,
-      clip_scale=jax.tree.map(jnp.ones_like, zeros),
+      grad_norm=norms,
+      clip_scale=jax.tree.map(jnp.ones_like, norms),
       clip_threshold=jnp.asarray(max_norm, _norms.statistics_dtype(params)),
-      steps_seen=jnp.zeros([], jnp.int32),
+      count=jnp.zeros([], jnp.int32),
       steps_clipped=jnp.zeros([], jnp.int32),
     )
 
@@ -233,43 +262,44 @@ def clip_by_norm(
     updates: Any, state: ClipByNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByNormState]:
     del params, extra_args
-    _validation.check_tree_matches(
-      fn, updates, state.grad_norm, shape_of=lambda shape: _kept_shape(shape, axis)
-    )
+    _validation.check_tree_matches(fn, updates, state.grad_norm, shape_of=kept_shape)
     leaves, treedef = jax.tree.flatten(updates)
     leaves = [jnp.asarray(g) for g in leaves]
     axes = [_norms.resolve_axes(g.ndim, axis, fn) for g in leaves]
-    kept = jax.tree.leaves(state.grad_norm)
     norms = [
-      jnp.reshape(n, _kept_shape(g.shape, axis)).astype(k.dtype)
-      for n, g, k in zip(_norms.unit_norms(leaves, axes, ord=order), leaves, kept, strict=True)
+      jnp.reshape(n, kept_shape(g.shape)).astype(s.dtype)
+      for n, g, s in zip(
+        _norms.unit_norms(leaves, axes, ord=order),
+        leaves,
+        jax.tree.leaves(state.grad_norm),
+        strict=True,
+      )
     ]
-    bounds = lambda dtype: (
-      _hyperparams.bound(max_norm, None, dtype),
-      _hyperparams.bound(min_norm, None, dtype),
-    )
     scales = [range_scale(n, *bounds(n.dtype)) for n in norms]
-    new = [scale_leaf(g, s) for g, s in zip(leaves, scales, strict=True)]
-    clipped = tree_any([jnp.any(s.changes()) for s in scales])
     as_tree = lambda xs: jax.tree.unflatten(treedef, xs)
+    new = [scale_leaf(g, s) for g, s in zip(leaves, scales, strict=True)]
     return as_tree(new), ClipByNormState(
       grad_norm=as_tree(norms),
       clip_scale=as_tree([s.value() for s in scales]),
       clip_threshold=bounds(state.clip_threshold.dtype)[0],
-      steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, clipped),
+      count=optax.safe_increment(state.count),
+      steps_clipped=count_if(state.steps_clipped, any_of([s.changes() for s in scales])),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-def _kept_shape(shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
-  axes = _norms.resolve_axes(len(shape), axis, "clip_by_norm")
+def _kept_shape(fn: str, shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
+  """The shape of a leaf's norms: () for the whole leaf, else its shape with ``axis`` as 1."""
+  axes = _norms.resolve_axes(len(shape), axis, fn)
   if axis is None:
     return ()
   if axes is None:
     return (1,) * len(shape)
   return tuple(1 if i in axes else d for i, d in enumerate(shape))
+
+
+# ---- clip_by_global_norm -----------------------------------------------------------------
 
 
 class ClipByGlobalNormState(NamedTuple):
@@ -282,15 +312,15 @@ class ClipByGlobalNormState(NamedTuple):
       propagated, 0 when zeroed), rounded to float32: below its smallest
       normal number it reads 0, though the updates were scaled exactly. f32[].
     clip_threshold: ``max_norm`` at this step (a schedule's value). f32[].
-    steps_seen: updates processed (saturating); the step a ``max_norm``
-      schedule is evaluated at. i32[].
+    count: updates processed (saturating); the step a ``max_norm`` schedule
+      is evaluated at. i32[].
     steps_clipped: updates that were rescaled or zeroed. i32[].
   """
 
   grad_norm: jax.Array  # f32[]
   clip_scale: jax.Array  # f32[]
   clip_threshold: jax.Array  # f32[]
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
 
 
@@ -322,8 +352,8 @@ def clip_by_global_norm(
 
   Args:
     max_norm: the upper bound ``c`` in ``[0, inf]``, or a schedule ``step ->
-      c`` evaluated at ``steps_seen``; a schedule value below 0 or NaN counts
-      as 0 (the update is zeroed, never flipped or let through).
+      c`` evaluated at ``count``; a schedule value below 0 or NaN counts as 0
+      (the update is zeroed, never flipped or let through).
     min_norm: the lower bound ``m``, in ``[0, max_norm]``. Default 0.
     ord: 1, 2 or ``inf``; None (default) is 2, as in NumPy.
     axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
@@ -358,36 +388,25 @@ def clip_by_global_norm(
 
   def init_fn(params: Any) -> ClipByGlobalNormState:
     dtype = _norms.statistics_dtype(params)
-    return ClipByGlobalNormState(
-      clip_threshold=_hyperparams.bound(max_norm, jnp.zeros([], jnp.int32), dtype),
-      **clip_stats_init(dtype),
-    )
+    threshold = _hyperparams.bound(max_norm, jnp.zeros([], jnp.int32), dtype)
+    return ClipByGlobalNormState(**clip_statistics_init(dtype, threshold))
 
   def update_fn(
     updates: Any, state: ClipByGlobalNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByGlobalNormState]:
     del params, extra_args
     norm = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0]
-    hi = _hyperparams.bound(max_norm, state.steps_seen, norm.dtype)
-    lo = _hyperparams.bound(min_norm, state.steps_seen, norm.dtype)
-    fallback = 1.0 if nonfinite == "propagate" else 0.0
-    scale = range_scale(norm, hi, lo, nonfinite=fallback)
+    hi = _hyperparams.bound(max_norm, state.count, norm.dtype)
+    lo = _hyperparams.bound(min_norm, state.count, norm.dtype)
+    scale = range_scale(norm, hi, lo, nonfinite=1.0 if nonfinite == "propagate" else 0.0)
     new = scale_tree(updates, scale)
-    if nonfinite == "zero":
-      new = zeros_where(new, ~jnp.isfinite(norm))
-    like = lambda x: x.astype(state.grad_norm.dtype)
-    return new, ClipByGlobalNormState(
-      grad_norm=like(norm),
-      clip_scale=like(scale.value()),
-      clip_threshold=like(hi),
-      steps_seen=optax.safe_increment(state.steps_seen),
-      steps_clipped=count_if(state.steps_clipped, scale.changes()),
-    )
+    if nonfinite == "zero":  # 0·NaN is NaN: zero explicitly
+      new = jax.tree.map(lambda g: jnp.where(jnp.isfinite(norm), g, jnp.zeros_like(g)), new)
+    return new, ClipByGlobalNormState(**clip_statistics(state, norm, scale, hi))
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-CLIP_STATS = ("grad_norm", "clip_scale", "clip_threshold", "steps_seen", "steps_clipped")
-_metrics.register(ClipByValueState, "clip_by_value", ClipByValueState._fields)
-_metrics.register(ClipByNormState, "clip_by_norm", CLIP_STATS)
-_metrics.register(ClipByGlobalNormState, "clip_by_global_norm", CLIP_STATS)
+_metrics.register_statistics(ClipByValueState, "clip_by_value", ClipByValueState._fields)
+_metrics.register_statistics(ClipByNormState, "clip_by_norm", CLIP_STATS)
+_metrics.register_statistics(ClipByGlobalNormState, "clip_by_global_norm", CLIP_STATS)

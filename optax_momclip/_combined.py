@@ -9,8 +9,9 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _metrics, _norms, _scaling, _validation
+from optax_momclip._clipping import count_if
 from optax_momclip._hyperparams import bound, complement, evaluate
-from optax_momclip._momentum import cast_like, ema_tree, init_buffer
+from optax_momclip._momentum import cast_like, ema_tree, momentum_init
 from optax_momclip._scaling import range_scale
 
 
@@ -96,8 +97,7 @@ def clipped_momentum(
   def init_fn(params: Any) -> ClippedMomentumState:
     dtype = _norms.statistics_dtype(params)
     return ClippedMomentumState(
-      count=jnp.zeros([], jnp.int32),
-      momentum_buffer=init_buffer(params, accumulator_dtype),
+      **momentum_init(params, accumulator_dtype),
       grad_norm=jnp.zeros([], dtype),
       momentum_norm=jnp.zeros([], dtype),
       clip_threshold=bound(max_norm, None, dtype),
@@ -117,28 +117,28 @@ def clipped_momentum(
       n.astype(dtype) for n in _norms.global_norms([new, updates], ord=order, axis_name=axis_name)
     )
     m_scale, g_scale = range_scale(m_norm, c), range_scale(g_norm, c)
-    m_weight, g_weight = m_scale.times(v), g_scale.times(one_minus_v)
-
-    scale_m, scale_g = _scaling.scaler(m_weight), _scaling.scaler(g_weight)
-
-    def leaf(g: jax.Array, m: jax.Array) -> jax.Array:
-      g = jnp.asarray(g)
-      return (scale_m(m) + scale_g(g.astype(m.dtype))).astype(g.dtype)
-
     clipped = ((v > 0) & m_scale.changes()) | ((v < 1) & g_scale.changes())
-    steps_clipped = jnp.where(
-      clipped, optax.safe_increment(state.steps_clipped), state.steps_clipped
-    )
-    return jax.tree.map(leaf, updates, new), ClippedMomentumState(
+    return _mix(updates, new, m_scale.times(v), g_scale.times(one_minus_v)), ClippedMomentumState(
       count=optax.safe_increment(state.count),
       momentum_buffer=cast_like(new, state.momentum_buffer),
       grad_norm=g_norm,
       momentum_norm=m_norm,
       clip_threshold=c,
-      steps_clipped=steps_clipped,
+      steps_clipped=count_if(state.steps_clipped, clipped),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+
+
+def _mix(updates: Any, buffer: Any, m_weight: _scaling.Scale, g_weight: _scaling.Scale) -> Any:
+  """``m_weight·m + g_weight·g`` leaf by leaf, in the gradient's dtype."""
+  scale_m, scale_g = _scaling.scaler(m_weight), _scaling.scaler(g_weight)
+
+  def leaf(g: jax.Array, m: jax.Array) -> jax.Array:
+    g = jnp.asarray(g)
+    return (scale_m(m) + scale_g(g.astype(m.dtype))).astype(g.dtype)
+
+  return jax.tree.map(leaf, updates, buffer)
 
 
 class NormalizedMomentumState(NamedTuple):
@@ -205,8 +205,7 @@ def normalized_momentum(
 
   def init_fn(params: Any) -> NormalizedMomentumState:
     return NormalizedMomentumState(
-      count=jnp.zeros([], jnp.int32),
-      momentum_buffer=init_buffer(params, accumulator_dtype),
+      **momentum_init(params, accumulator_dtype),
       momentum_norm=jnp.zeros([], _norms.statistics_dtype(params)),
     )
 
@@ -231,10 +230,10 @@ def normalized_momentum(
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-_metrics.register(
+_metrics.register_statistics(
   ClippedMomentumState,
   "clipped_momentum",
   ("grad_norm", "momentum_norm", "clip_threshold", "count", "steps_clipped"),
   fractions={"clip_fraction": ("steps_clipped", "count")},
 )
-_metrics.register(NormalizedMomentumState, "normalized_momentum", ("momentum_norm",))
+_metrics.register_statistics(NormalizedMomentumState, "normalized_momentum", ("momentum_norm",))

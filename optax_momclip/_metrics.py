@@ -14,30 +14,59 @@ import optax
 
 @dataclasses.dataclass(frozen=True)
 class _Stats:
-  prefix: str
+  name: str
   fields: tuple[str, ...]
   fractions: Mapping[str, tuple[str, str]]
 
 
 _REGISTRY: dict[type, _Stats] = {}
-_FRACTIONS = {"clip_fraction": ("steps_clipped", "steps_seen")}
+_FRACTIONS = {"clip_fraction": ("steps_clipped", "count")}
 
 
-def register(
+def register_statistics(
   state_type: type,
-  prefix: str,
+  name: str,
   fields: Sequence[str],
+  *,
   fractions: Mapping[str, tuple[str, str]] | None = None,
 ) -> None:
-  """Declares which fields of ``state_type`` are statistics, reported as ``prefix/field``.
+  """Declares the statistics a state type keeps, so that `metrics` reports them.
 
-  ``fractions`` maps a derived key to ``(numerator, denominator)`` counter
-  fields; by default ``clip_fraction = steps_clipped / steps_seen`` where both
-  exist.
+  Every transformation of this library registers its state; register your
+  own to have `metrics` find it in any optimizer state. Its statistics are
+  then reported as ``"<name>/<field>"`` (a field holding a tree of arrays
+  gives one key per leaf path), and its other fields (an ``inner_state``)
+  are searched for registered states in turn.
+
+  Args:
+    state_type: the state's class, usually a ``NamedTuple``.
+    name: the key prefix, usually the factory's name.
+    fields: the attributes that are statistics.
+    fractions: derived keys, ``{key: (numerator, denominator)}`` of counter
+      fields, reported as ``numerator / max(denominator, 1)``. Default:
+      ``clip_fraction = steps_clipped / count`` where both are fields.
+
+  Returns:
+    None; registering the same type again replaces its entry.
+
+  Examples:
+    >>> from typing import NamedTuple
+    >>> import jax.numpy as jnp
+    >>> import optax, optax_momclip as omc
+    >>> class TraceNormState(NamedTuple):
+    ...   trace_norm: jnp.ndarray
+    >>> omc.register_statistics(TraceNormState, "trace_norm", ["trace_norm"])
+    >>> tx = optax.GradientTransformation(
+    ...   lambda p: TraceNormState(jnp.zeros([])),
+    ...   lambda g, s, p=None: (g, TraceNormState(omc.global_norm(g))),
+    ... )
+    >>> _, state = tx.update({"w": jnp.array([3.0, 4.0])}, tx.init(None))
+    >>> print(omc.metrics(state))
+    {'trace_norm/trace_norm': Array(5., dtype=float32)}
   """
   if fractions is None:
     fractions = {k: v for k, v in _FRACTIONS.items() if set(v) <= set(fields)}
-  _REGISTRY[state_type] = _Stats(prefix, tuple(fields), dict(fractions))
+  _REGISTRY[state_type] = _Stats(name, tuple(fields), dict(fractions))
 
 
 def _is_stats_node(x: Any) -> bool:
@@ -51,38 +80,62 @@ def _subkey(path: tuple[Any, ...]) -> str:
   return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
+def _scope(path: tuple[Any, ...]) -> str:
+  """The names on the way to a state: the string keys of the dicts it sits in.
+
+  ``optax.named_chain`` and ``optax.multi_transform`` keep their states in
+  dicts keyed by the names and labels you gave; positions in an
+  ``optax.chain`` are left out, so adding a transformation to a chain
+  changes no key.
+  """
+  names = [k.key for k in path if isinstance(k, jax.tree_util.DictKey) and isinstance(k.key, str)]
+  return "".join(f"{n}/" for n in names)
+
+
 def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
-  """Each registered state in ``opt_state`` with its unique name, in tree order.
+  """Each registered state in ``opt_state`` with its key prefix, in tree order.
 
   The fields of a registered state that are not statistics (a wrapper's
-  ``inner_state``) are searched too, after the state itself.
+  ``inner_state``) are searched too, after the state itself. A second state
+  of the same name in the same scope gets ``_1``, a third ``_2``, and so on.
   """
   seen: dict[str, int] = {}
   out = []
 
-  def visit(tree: Any) -> None:
-    for node in jax.tree.leaves(tree, is_leaf=_is_stats_node):
+  def visit(tree: Any, scope: str) -> None:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=_is_stats_node)[0]
+    for path, node in flat:
       if not _is_stats_node(node):
         continue
       spec = _REGISTRY[type(node)]
-      n = seen.get(spec.prefix, 0)
-      seen[spec.prefix] = n + 1
-      out.append((spec.prefix if n == 0 else f"{spec.prefix}_{n}", node))
-      visit([getattr(node, f) for f in getattr(node, "_fields", ()) if f not in spec.fields])
+      key = scope + _scope(path) + spec.name
+      n = seen.get(key, 0)
+      seen[key] = n + 1
+      out.append((key if n == 0 else f"{key}_{n}", node))
+      rest = {f: getattr(node, f) for f in getattr(node, "_fields", ()) if f not in spec.fields}
+      visit(list(rest.values()), scope + _scope(path))
 
-  visit(opt_state)
+  visit(opt_state, "")
   return out
 
 
 def metrics(opt_state: Any) -> dict[str, jax.Array]:
   """Every statistic kept in an optimizer state, as a flat dict of arrays.
 
-  Finds the states of this library's transformations at any depth
-  (``optax.chain``, ``inject_hyperparams``, ``MultiSteps``, ``masked``,
-  ``multi_transform``, ``skip_bad_steps``, ``flax.nnx.Optimizer``'s state)
-  and returns ``{"<transform>/<field>": value}``, with a derived
-  ``<transform>/clip_fraction = steps_clipped / max(steps_seen, 1)``. A second
-  instance of the same transformation is keyed ``<transform>_1``, and so on.
+  Finds the states of this library's transformations (and of any state
+  type given to `register_statistics`) at any depth: ``optax.chain``,
+  ``inject_hyperparams``, ``MultiSteps``, ``masked``, ``multi_transform``,
+  ``named_chain``, `skip_bad_steps`, ``flax.nnx.Optimizer``'s state. Returns
+  ``{"<transform>/<field>": value}`` with a derived
+  ``<transform>/clip_fraction = steps_clipped / max(count, 1)``.
+
+  The keys are stable: a transformation's key is its name, preceded by the
+  names of the ``optax.named_chain`` entries or ``multi_transform`` labels
+  it sits under (``"encoder/clip_by_global_norm/grad_norm"``); positions in
+  an ``optax.chain`` are not part of it, so adding or moving other
+  transformations changes no key. Only a second instance of the same
+  transformation under the same names is numbered, ``<transform>_1``, in
+  tree order; give it a name with ``optax.named_chain`` to fix its key.
   Statistics kept per leaf (`clip_by_norm`) get one key per leaf path, the
   largest value over a leaf's slices (none for a zero-size leaf). Reads
   only what the state holds: no norm is recomputed, and it is safe inside
@@ -135,7 +188,7 @@ def _check(assertion: Callable[[], None]) -> None:
 
 # Statistics that record the incoming updates: NaN there is a fact about the input
 # (say, a step skip_bad_steps skipped), not a corrupted optimizer state.
-_INPUT_NORMS = ("grad_norm", "checked_norm")
+_INPUT_NORMS = ("grad_norm",)
 
 
 def _state_proper(tree: Any) -> Any:
@@ -160,8 +213,8 @@ def with_value_checks(
 ) -> optax.GradientTransformationExtraArgs:
   """Adds chex value assertions to ``tx.update``: finite updates and state, norms >= 0.
 
-  The recorded norms of the incoming updates (``grad_norm``,
-  ``checked_norm``) may be NaN, since a NaN input that `skip_bad_steps`
+  The recorded norms of the incoming updates (``grad_norm``) may be NaN,
+  since a NaN input that `skip_bad_steps`
   skipped is not an error; everything else in the state must be finite.
   Inside a step wrapped in ``chex.chexify`` (or run eagerly) a violation raises
   an ``AssertionError`` naming the check; in a plain ``jit`` the checks are

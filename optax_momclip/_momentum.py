@@ -1,8 +1,7 @@
-"""Momentum: PyTorch-exact heavy ball, EMA, QHM, AggMo and the Demon schedule."""
+"""Momentum: PyTorch-exact heavy ball and EMA momentum, and the leaf arithmetic they share."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -40,9 +39,14 @@ def init_buffer(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> Any:
   return jax.tree.map(zeros, params)
 
 
-def unzip(like: Any, pairs: Any, n: int = 2) -> tuple[Any, ...]:
-  """Splits a tree of ``n``-tuples (one per leaf of ``like``) into ``n`` trees."""
-  return tuple(jax.tree.map(lambda _, o, i=i: o[i], like, pairs) for i in range(n))
+def unzip(like: Any, pairs: Any) -> tuple[Any, Any]:
+  """Splits a tree of pairs (one per leaf of ``like``) into two trees."""
+  return jax.tree.map(lambda _, o: o[0], like, pairs), jax.tree.map(lambda _, o: o[1], like, pairs)
+
+
+def momentum_init(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> dict[str, Any]:
+  """The fields every momentum state starts with: ``count`` 0 and a zero buffer like the params."""
+  return {"count": jnp.zeros([], jnp.int32), "momentum_buffer": init_buffer(params, dtype, leading)}
 
 
 def heavy_ball_leaf(
@@ -174,9 +178,7 @@ def heavy_ball(
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
 
   def init_fn(params: Any) -> HeavyBallState:
-    return HeavyBallState(
-      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype)
-    )
+    return HeavyBallState(**momentum_init(params, accumulator_dtype))
 
   def update_fn(
     updates: Any, state: HeavyBallState, params: Any = None, **extra_args: Any
@@ -219,14 +221,14 @@ class EmaMomentumState(NamedTuple):
 
 
 def ema_momentum(
-  decay: ScheduleOrScalar = 0.9, *, debias: bool = False, accumulator_dtype: Any = None
+  decay: ScheduleOrScalar = 0.9, *, debias: bool = True, accumulator_dtype: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""Exponential-moving-average momentum, optionally bias-corrected.
 
   .. math:: m_t = \beta m_{t-1} + (1 - \beta) g_t, \quad m_0 = 0, \qquad
      u_t = m_t \ \text{or, debiased,}\ m_t / (1 - \textstyle\prod_{s \le t} \beta_s)
 
-  Equals ``optax.ema`` (whose ``debias`` defaults to True; here False). With a
+  Equals ``optax.ema``, whose call and defaults it takes (``debias=True``). With a
   constant ``β`` the correction is Adam's ``1 - β^t``; with a schedule it is
   the exact ``1 - Π β_s``. Unlike PyTorch's dampening, the first step is
   ``(1 - β) g``.
@@ -234,7 +236,7 @@ def ema_momentum(
   Args:
     decay: ``β`` in ``[0, 1]``, or a schedule ``step -> β`` evaluated at
       ``count``. Default 0.9.
-    debias: divide by ``1 - Π β``. Default False.
+    debias: divide by ``1 - Π β``. Default True, as in ``optax.ema``.
     accumulator_dtype: dtype ``m`` is stored in; updates keep the gradient's
       dtype. Default None: each param's dtype.
 
@@ -244,12 +246,14 @@ def ema_momentum(
   Examples:
     >>> import jax.numpy as jnp
     >>> import optax_momclip as omc
-    >>> tx = omc.ema_momentum(0.5)
+    >>> tx = omc.ema_momentum(0.5, debias=False)
     >>> g = {"w": jnp.array([1.0, -2.0])}
     >>> u, state = tx.update(g, tx.init(g))
     >>> u, state = tx.update(g, state)  # 0.5·(0.5·g) + 0.5·g
     >>> print(u["w"])
     [ 0.75 -1.5 ]
+    >>> print(omc.ema_momentum(0.5).update(g, state)[0]["w"])  # debiased: 0.875·g / 0.875
+    [ 1. -2.]
 
   References:
     Kingma, Ba, *Adam: A Method for Stochastic Optimization*, 2015,
@@ -262,8 +266,7 @@ def ema_momentum(
 
   def init_fn(params: Any) -> EmaMomentumState:
     return EmaMomentumState(
-      count=jnp.zeros([], jnp.int32),
-      momentum_buffer=init_buffer(params, accumulator_dtype),
+      **momentum_init(params, accumulator_dtype),
       decay_product=jnp.ones([], _norms.statistics_dtype(params)),
     )
 
@@ -288,210 +291,3 @@ def ema_momentum(
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
-
-
-class QhmState(NamedTuple):
-  """State of `qhm`.
-
-  Attributes:
-    count: steps taken (saturating). i32[].
-    momentum_buffer: the moving average ``b``, a tree like the params in
-      ``accumulator_dtype`` (default: each param's dtype).
-  """
-
-  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
-  momentum_buffer: Any  # tree like params, accumulator_dtype
-
-
-def qhm(
-  momentum: float | jax.Array = 0.999,
-  nu: float | jax.Array = 0.7,
-  *,
-  accumulator_dtype: Any = None,
-) -> optax.GradientTransformationExtraArgs:
-  r"""Quasi-hyperbolic momentum: a ``ν``-weighted mix of the gradient and its EMA.
-
-  .. math:: b_t = \beta b_{t-1} + (1 - \beta) g_t, \quad b_0 = 0, \qquad
-     u_t = (1 - \nu) g_t + \nu b_t
-
-  ``ν = 0`` is plain SGD, ``ν = 1`` is `ema_momentum`, and ``ν = β`` with
-  the learning rate divided by ``1 - β`` is Nesterov `heavy_ball`. A learning
-  rate tuned for SGD with momentum ``β'`` converts as ``lr / (1 - β')``.
-
-  Args:
-    momentum: ``β`` in ``[0, 1]``. Default 0.999 (the paper's).
-    nu: ``ν`` in ``[0, 1]``. Default 0.7 (the paper's).
-    accumulator_dtype: dtype ``b`` is stored in; updates keep the gradient's
-      dtype. Default None: each param's dtype.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is a `QhmState`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax_momclip as omc
-    >>> tx = omc.qhm(0.9, 0.5)
-    >>> g = {"w": jnp.array([1.0, -2.0])}
-    >>> u, state = tx.update(g, tx.init(g))  # 0.5·g + 0.5·0.1·g
-    >>> print(u["w"].round(4))
-    [ 0.55 -1.1 ]
-
-  References:
-    Ma, Yarats, *Quasi-hyperbolic momentum and Adam for deep learning*, 2019,
-    https://arxiv.org/abs/1810.06801
-  """
-  fn = "qhm"
-  _validation.check_scalar(fn, "momentum", momentum, low=0.0, high=1.0)
-  _validation.check_scalar(fn, "nu", nu, low=0.0, high=1.0)
-  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
-
-  def init_fn(params: Any) -> QhmState:
-    return QhmState(
-      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype)
-    )
-
-  def update_fn(
-    updates: Any, state: QhmState, params: Any = None, **extra_args: Any
-  ) -> tuple[Any, QhmState]:
-    del params, extra_args
-    _validation.check_tree_matches(fn, updates, state.momentum_buffer)
-    dtype = _norms.statistics_dtype(updates)
-    beta, weight = evaluate(momentum, state.count, dtype), complement(momentum, state.count, dtype)
-    v, one_minus_v = evaluate(nu, state.count, dtype), complement(nu, state.count, dtype)
-
-    def leaf(g: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
-      new = ema_leaf(g, b, beta, weight)
-      dt = new.dtype
-      out = one_minus_v.astype(dt) * g.astype(dt) + v.astype(dt) * new
-      return out.astype(g.dtype), new.astype(b.dtype)
-
-    out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
-    return out, QhmState(count=optax.safe_increment(state.count), momentum_buffer=buf)
-
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
-
-
-class AggmoState(NamedTuple):
-  """State of `aggmo`.
-
-  Attributes:
-    count: steps taken (saturating). i32[].
-    momentum_buffer: the ``K`` velocities stacked on a leading axis: a tree
-      like the params whose leaves have shape ``(K, *param.shape)``, in
-      ``accumulator_dtype`` (default: each param's dtype).
-  """
-
-  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
-  momentum_buffer: Any  # tree of (K, *param.shape), accumulator_dtype
-
-
-def aggmo(
-  betas: Sequence[float] = (0.0, 0.9, 0.99), *, accumulator_dtype: Any = None
-) -> optax.GradientTransformationExtraArgs:
-  r"""Aggregated momentum: the mean of several heavy-ball velocities.
-
-  .. math:: v^{(i)}_t = \beta_i v^{(i)}_{t-1} + g_t, \quad v^{(i)}_0 = 0, \qquad
-     u_t = \frac{1}{K} \sum_{i=1}^{K} v^{(i)}_t
-
-  One beta is `heavy_ball` without dampening (``optax.trace``). The velocities
-  are stacked on a leading axis so a step is one elementwise pass per leaf.
-
-  Args:
-    betas: the ``K >= 1`` damping factors, each in ``[0, 1)``. Default
-      ``(0.0, 0.9, 0.99)`` (the paper's). A Python sequence: it fixes the
-      state's shape (with ``optax.inject_hyperparams`` it stays static).
-    accumulator_dtype: dtype the velocities are stored in; updates keep the
-      gradient's dtype. Default None: each param's dtype.
-
-  Returns:
-    An ``optax.GradientTransformationExtraArgs`` whose state is an `AggmoState`.
-
-  Examples:
-    >>> import jax.numpy as jnp
-    >>> import optax_momclip as omc
-    >>> tx = omc.aggmo((0.0, 0.5))
-    >>> g = {"w": jnp.array([1.0, -2.0])}
-    >>> u, state = tx.update(g, tx.init(g))
-    >>> u, state = tx.update(g, state)  # mean(g, 1.5·g)
-    >>> print(u["w"])
-    [ 1.25 -2.5 ]
-
-  References:
-    Lucas, Sun, Zemel, Grosse, *Aggregated Momentum: Stability Through Passive
-    Damping*, 2019, https://arxiv.org/abs/1804.00325
-  """
-  fn = "aggmo"
-  if isinstance(betas, str) or not isinstance(betas, Sequence) or not betas:
-    raise TypeError(f"{fn}: betas must be a non-empty sequence of numbers, got {betas!r}")
-  for i, beta in enumerate(betas):
-    _validation.check_scalar(fn, f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
-  _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
-  k = len(betas)
-
-  def init_fn(params: Any) -> AggmoState:
-    return AggmoState(
-      count=jnp.zeros([], jnp.int32), momentum_buffer=init_buffer(params, accumulator_dtype, (k,))
-    )
-
-  def update_fn(
-    updates: Any, state: AggmoState, params: Any = None, **extra_args: Any
-  ) -> tuple[Any, AggmoState]:
-    del params, extra_args
-    _validation.check_tree_matches(
-      fn, updates, state.momentum_buffer, shape_of=lambda shape: (k, *shape)
-    )
-    beta = jnp.stack([evaluate(b, state.count, _norms.statistics_dtype(updates)) for b in betas])
-
-    def leaf(g: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
-      dtype = compute_dtype(g.dtype, v.dtype)
-      bcast = beta.astype(dtype).reshape((k,) + (1,) * g.ndim)
-      new = bcast * v.astype(dtype) + g.astype(dtype)[None]
-      return jnp.mean(new, axis=0).astype(g.dtype), new.astype(v.dtype)
-
-    out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
-    return out, AggmoState(count=optax.safe_increment(state.count), momentum_buffer=buf)
-
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
-
-
-def demon(
-  momentum_init: float | jax.Array = 0.9, *, total_steps: int
-) -> Callable[[jax.Array], jax.Array]:
-  r"""The Demon decaying-momentum schedule, to pass as ``momentum=`` of `heavy_ball`.
-
-  .. math:: \beta_t = \frac{\beta_0 (1 - t/T)}{(1 - \beta_0) + \beta_0 (1 - t/T)}
-
-  Starts at ``β_0``, decays to 0 at ``t = T`` and stays there (``t`` is
-  clipped to ``[0, T]``). Computed in float32 with a real-valued ``t/T``
-  (mlpack's integer ``t/T`` is not the paper's rule).
-
-  Args:
-    momentum_init: ``β_0`` in ``[0, 1)``. Default 0.9.
-    total_steps: ``T``, a positive int (keyword-only).
-
-  Returns:
-    A schedule ``step -> β_t``: a jit-traceable function of an integer step
-    returning a float32 scalar.
-
-  Examples:
-    >>> import optax_momclip as omc
-    >>> schedule = omc.demon(0.9, total_steps=100)
-    >>> print(schedule(0).round(4), schedule(50).round(4), schedule(100))
-    0.9 0.8182 0.0
-
-  References:
-    Chen, Wolfe, Li, Kyrillidis, *Demon: Improved Neural Network Training with
-    Momentum Decay*, 2022, https://arxiv.org/abs/1910.04952
-  """
-  fn = "demon"
-  _validation.check_scalar(fn, "momentum_init", momentum_init, low=0.0, high=1.0, high_open=True)
-  _validation.check_positive_int(fn, "total_steps", total_steps)
-
-  def schedule(step: jax.Array) -> jax.Array:
-    beta0 = evaluate(momentum_init, step)
-    # (T - t)/T rather than 1 - t/T: exact 0 at t = T even when XLA divides by a reciprocal.
-    t = jnp.clip(jnp.asarray(step, jnp.float32), 0.0, float(total_steps))
-    left = (float(total_steps) - t) / float(total_steps)
-    return beta0 * left / (complement(momentum_init, step) + beta0 * left)
-
-  return schedule

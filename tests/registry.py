@@ -111,18 +111,18 @@ CASES: list[Case] = [
     lambda: omc.skip_bad_steps(
       omc.clip_by_global_norm(1.0),
       max_norm=10.0,
-      spike_zscore=2.0,
+      z_threshold=2.0,
       warmup_steps=1,
-      max_consecutive_skips=2,
+      max_consecutive_spikes=2,
     ),
     omc.skip_bad_steps,
     {
       "inner": omc.clip_by_global_norm(1.0),
       "max_norm": 10.0,
-      "spike_zscore": 2.0,
+      "z_threshold": 2.0,
       "alpha": 0.9,
       "warmup_steps": 1,
-      "max_consecutive_skips": 2,
+      "max_consecutive_spikes": 2,
     },
     drive=("max_norm", 0.01),
     inject={"max_norm": 10.0},
@@ -185,7 +185,7 @@ CASES: list[Case] = [
       optax.linear_schedule(0.1, 0.01, 10),
       0.5,
       max_norm=1.0,
-      clip_value=0.5,
+      max_value=0.5,
       dampening=0.5,
       weight_decay=2**-6,
     ),
@@ -194,7 +194,7 @@ CASES: list[Case] = [
     needs_params=True,
     eager_anchor="chain",
     drive=("learning_rate", 0.5),
-    # Its clip_value clips each modulus: tested against NumPy in test_aliases.
+    # Its max_value clips each modulus: tested against NumPy in test_aliases.
     make_complex=lambda: omc.momclip_sgd(
       optax.linear_schedule(0.1, 0.01, 10), 0.5, max_norm=1.0, dampening=0.5, weight_decay=2**-6
     ),
@@ -203,4 +203,4 @@ CASES: list[Case] = [
 ]
 
 # Public names that are not transformations (checked elsewhere).
-NOT_TRANSFORMS = {"global_norm", "metrics", "with_value_checks", "demon"}
+NOT_TRANSFORMS = {"global_norm", "metrics", "register_statistics", "with_value_checks", "demon"}

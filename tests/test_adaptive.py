@@ -72,7 +72,7 @@ def test_agc_matches_numpy_on_dense_conv_and_biases(lam):
     total += n
   assert 0 < total < 3 + 3 + 4 + 4 + 1  # some units clipped, not all
   assert int(state.units_clipped) == total
-  assert int(state.steps_clipped) == 1 and int(state.steps_seen) == 1
+  assert int(state.steps_clipped) == 1 and int(state.count) == 1
   flat = np.concatenate([np.ravel(x) for x in jax.tree.leaves(grads)]).astype(np.float64)
   np.testing.assert_allclose(state.grad_norm, np.linalg.norm(flat), rtol=1e-6)
   ratios = [

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import optax_momclip as omc
-from optax_momclip import _bench
+from optax_momclip.cli import bench as _bench
 
 
 def test_quick_run_writes_every_row(tmp_path, capsys):
@@ -32,7 +32,7 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
   assert res["compile"]["leaves"] == 30 and res["compile"]["ours_s"] > 0
   assert {r["transformation"] for r in res["eager"]["rows"]} == set(
     n for n in omc.__all__ if n[0].islower()
-  ) - {"global_norm", "metrics", "with_value_checks", "demon"}
+  ) - {"global_norm", "metrics", "register_statistics", "with_value_checks", "demon"}
   assert all(r["ratio"] > 0 for r in res["eager"]["rows"])
   assert [r["dtype"] for r in res["fence"]] == ["bfloat16", "float32"]
   names = {t["target"] for t in res["targets"]}
@@ -130,3 +130,18 @@ def test_global_norm_hlo_grows_linearly_with_leaves():
     hlo = jax.jit(omc.global_norm).lower(_bench.compile_tree(leaves)).compile().as_text()
     sizes[leaves] = hlo.count("parameter(")
   assert sizes[100] < 2.5 * sizes[50], sizes
+
+
+def test_the_roofline_counts_the_bytes_the_step_must_move():
+  """24 bytes per float32 param (g read twice, p and b read and written): no more than what
+  XLA's cost model says the compiled step moves (which adds XLA:CPU's read-back of the new
+  momentum and the rescue branch's pass), and the probe's 12 what it says the probe moves."""
+  n = _bench.LEAVES * 256 * 64
+  params, grads = _bench.make_tree(n, jnp.float32, 0), _bench.make_tree(n, jnp.float32, 1)
+  tx = _bench.ours()[1]
+  step = _bench.jit_step(tx).lower(params, tx.init(params), grads).compile()
+  moved = step.cost_analysis()["bytes accessed"] / (4 * n)
+  probe = _bench.roofline_kernel().lower(params, params, grads).compile()
+  probed = probe.cost_analysis()["bytes accessed"] / (4 * n)
+  assert _bench.BYTES_PER_PARAM <= moved < _bench.BYTES_PER_PARAM + 4, moved
+  assert abs(probed - _bench.KERNEL_BYTES_PER_PARAM) < 0.5, probed

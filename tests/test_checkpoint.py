@@ -41,7 +41,7 @@ def _composite():
     omc.zclip(2.0, warmup_steps=2),
     optax.inject_hyperparams(optax.adam)(learning_rate=0.1),
   )
-  return omc.skip_bad_steps(inner, spike_zscore=2.0, warmup_steps=2, max_norm=15.0)
+  return omc.skip_bad_steps(inner, z_threshold=2.0, warmup_steps=2, max_norm=15.0)
 
 
 CHECKPOINTED = [*CASES, Case("composite", _composite, omc.skip_bad_steps, {})]

@@ -44,7 +44,7 @@ def test_clip_by_global_norm_matches_numpy(max_norm, min_norm):
   np.testing.assert_allclose(state.grad_norm, norm, rtol=1e-6)
   np.testing.assert_allclose(state.clip_scale, scale, rtol=1e-6)
   assert state.clip_threshold == max_norm
-  assert state.steps_seen == 1
+  assert state.count == 1
   assert state.steps_clipped == int(not np.isclose(scale, 1.0))
 
 
@@ -66,7 +66,7 @@ def test_clip_by_value_equals_optax_clip():
   np.testing.assert_allclose(state.grad_norm, np.abs(_flat(g)).max(), rtol=1e-7)
   assert state.steps_clipped == 1
   _, state = tx.update(jax.tree.map(lambda x: x * 0 + 0.1, g), state)
-  assert (state.steps_seen, state.steps_clipped) == (2, 1)
+  assert (state.count, state.steps_clipped) == (2, 1)
 
 
 def test_clip_by_value_asymmetric_bounds():
@@ -92,7 +92,7 @@ def test_clip_by_norm_matches_numpy(axis):
   assert state.steps_clipped == 1
 
 
-def test_global_norm_schedule_is_evaluated_on_steps_seen():
+def test_global_norm_schedule_is_evaluated_on_count():
   tx = omc.clip_by_global_norm(lambda step: 1.0 + step)
   g = {"x": jnp.array([30.0, 40.0])}
   state = tx.init(g)

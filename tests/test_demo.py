@@ -6,10 +6,11 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
-from optax_momclip import __main__ as cli
-from optax_momclip import _demo
+from optax_momclip import cli
+from optax_momclip.cli import demo as _demo
 
 BASELINES = ("sgd, no clipping", "clip_by_global_norm(1)")
 
@@ -125,9 +126,10 @@ def test_missing_examples_extra_is_named(monkeypatch, capsys):
 
 def test_bench_calls_the_bench_module(monkeypatch):
   calls = []
-  fake = types.ModuleType("optax_momclip._bench")
+  fake = types.ModuleType("optax_momclip.cli.bench")
   fake.main = lambda argv: calls.append(list(argv)) or 0
-  monkeypatch.setitem(sys.modules, "optax_momclip._bench", fake)
+  monkeypatch.setitem(sys.modules, "optax_momclip.cli.bench", fake)
+  monkeypatch.setattr(cli, "bench", fake, raising=False)
   assert cli.main(["bench", "--size", "16M"]) == 0
   assert calls == [["--size", "16M"]]
 
@@ -139,3 +141,18 @@ def test_unwritable_out_is_a_usage_error(tmp_path, capsys):
     cli.main(["demo", "--quick", "--out", str(blocker / "sub")])
   assert e.value.code == 2
   assert "--out: cannot create" in capsys.readouterr().err
+
+
+def test_each_arm_trains_at_its_own_learning_rate():
+  """Two arms of the same optimizer at two learning rates differ, and each equals a run alone."""
+  import optax
+
+  from optax_momclip.cli import tasks, train
+
+  task = tasks.temporal_order_task()
+  sgd = train.Arm("sgd", optax.sgd)
+  run = lambda arms, lrs: train.train(task, arms, np.array(lrs), seeds=1, steps=4, evals=1)
+  both = run([sgd, sgd], [[0.01], [0.3]])
+  alone = run([sgd], [[0.3]])
+  assert not np.allclose(both.loss[:, 0], both.loss[:, 1], rtol=1e-3)
+  np.testing.assert_allclose(both.loss[:, 1], alone.loss[:, 0], rtol=1e-5)

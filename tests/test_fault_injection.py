@@ -65,7 +65,7 @@ ARMS = {
   "unprotected, spikes only": (_base, False, True),
   "unprotected": (_base, True, True),
   "skip_bad_steps": (
-    lambda: omc.skip_bad_steps(_base(), spike_zscore=6.0, warmup_steps=25),
+    lambda: omc.skip_bad_steps(_base(), z_threshold=6.0, warmup_steps=25),
     True,
     True,
   ),

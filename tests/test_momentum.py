@@ -134,7 +134,7 @@ def test_qhm_with_nu_equal_beta_is_nesterov_heavy_ball():
 
 def test_qhm_with_nu_one_is_ema_momentum_and_nu_zero_is_sgd():
   ours, _ = _run(omc.qhm(0.8, 1.0))
-  ema, _ = _run(omc.ema_momentum(0.8))
+  ema, _ = _run(omc.ema_momentum(0.8, debias=False))
   chex.assert_trees_all_close(ours, ema, rtol=1e-6, atol=0)
   sgd, _ = _run(omc.qhm(0.8, 0.0))
   chex.assert_trees_all_equal(sgd, _grads())
@@ -358,3 +358,21 @@ def test_momentum_is_sqrt_kappa_times_faster_on_an_ill_conditioned_quadratic():
   assert abs(tail_nag - _predicted(nag_rate, 4)) <= 0.1 * _predicted(nag_rate, 4), tail_nag
   assert abs(k_gd - _predicted(gd_rate, 8)) <= 0.25 * _predicted(gd_rate, 8), k_gd
   assert k_gd >= 10 * max(k_hb, k_nag), (k_gd, k_hb, k_nag)
+
+
+def test_a_name_shared_with_optax_or_pytorch_takes_their_calls_and_defaults():
+  """ema_momentum as optax.ema, adaptive_grad_clip as optax's (eps positional), momclip_sgd as
+  torch.optim.SGD(params, lr): no momentum unless asked."""
+  ours, _ = _run(omc.ema_momentum(0.8))
+  theirs, _ = _run(optax.ema(0.8))
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+  ours, _ = _run(omc.momclip_sgd(0.1))
+  theirs, _ = _run(optax.sgd(0.1))
+  chex.assert_trees_all_close(ours, theirs, rtol=1e-6)
+  params = {"w": jnp.array([[1.0, 2.0], [3.0, 4.0]])}
+  grads = {"w": jnp.array([[0.5, -0.5], [0.01, 0.0]])}
+  ours = omc.adaptive_grad_clip(0.01, 1e-3).update(
+    grads, omc.adaptive_grad_clip().init(params), params
+  )
+  theirs = optax.adaptive_grad_clip(0.01, 1e-3).update(grads, None, params)
+  chex.assert_trees_all_close(ours[0], theirs[0], rtol=1e-6)

@@ -159,3 +159,18 @@ def test_a_negative_or_nan_max_norm_from_a_schedule_zeroes_the_update(bad):
     u, _ = jax.jit(tx.update)(G, state)  # traced: checked in the step, not at construction
     for leaf in jax.tree.leaves(u):
       np.testing.assert_array_equal(np.abs(np.asarray(leaf)), 0.0)
+
+
+def test_when_a_traced_min_norm_exceeds_max_norm_the_upper_bound_wins():
+  """Only traced bounds can cross (concrete ones are refused): max_norm is never exceeded."""
+  g = {"w": jnp.array([0.3, 0.4])}  # norm 0.5
+
+  @jax.jit
+  def clipped(lo, hi):
+    out = []
+    for tx in [omc.clip_by_global_norm(hi, min_norm=lo), omc.clip_by_norm(hi, min_norm=lo)]:
+      out.append(tx.update(g, tx.init(g))[0]["w"])
+    return out
+
+  for u in clipped(jnp.float32(5.0), jnp.float32(1.0)):
+    np.testing.assert_allclose(np.linalg.norm(np.asarray(u)), 1.0, rtol=1e-6)

@@ -221,7 +221,7 @@ def _jax_runner(problem: str, nesterov: bool, max_norm: float | None, clip_value
       LR[problem],
       mu,
       max_norm=max_norm,
-      clip_value=clip_value,
+      max_value=clip_value,
       nesterov=nesterov,
       dampening=d,
       weight_decay=wd,

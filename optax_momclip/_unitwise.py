@@ -1,4 +1,4 @@
-"""Adaptive gradient clipping (AGC): each unit's gradient bounded relative to its weights."""
+"""Clipping each unit on its own, against a reference of its own: AGC (the unit's weights)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
-from optax_momclip._clipping import CLIP_STATS, clip_stats_init, count_if
+from optax_momclip._clipping import CLIP_STATS, clip_statistics_init, count_if
 from optax_momclip._scaling import range_scale, scale_leaf
 
 
@@ -21,23 +21,23 @@ class AdaptiveGradClipState(NamedTuple):
       f32[] (f64[] for float64 params, as every float field here).
     clip_scale: the smallest factor any unit was multiplied by this step. f32[].
     clip_threshold: the ratio ``clipping`` (λ) used. f32[].
-    units_clipped: units rescaled this step. i32[].
-    steps_seen: updates processed (saturating). i32[].
+    count: updates processed (saturating). i32[].
     steps_clipped: updates in which at least one unit was rescaled. i32[].
+    units_clipped: units rescaled this step. i32[].
   """
 
   grad_norm: jax.Array  # f32[]
   clip_scale: jax.Array  # f32[]
   clip_threshold: jax.Array  # f32[]
-  units_clipped: jax.Array  # i32[]
-  steps_seen: jax.Array  # i32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   steps_clipped: jax.Array  # i32[]
+  units_clipped: jax.Array  # i32[]
 
 
 def adaptive_grad_clip(
   clipping: float | jax.Array = 0.01,
-  *,
   eps: float | jax.Array = 1e-3,
+  *,
   axis: int | tuple[int, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""Adaptive gradient clipping (AGC): each unit's update is bounded relative to its weights.
@@ -115,9 +115,8 @@ def adaptive_grad_clip(
   def init_fn(params: Any) -> AdaptiveGradClipState:
     dtype = _norms.statistics_dtype(params)
     return AdaptiveGradClipState(
-      clip_threshold=_hyperparams.bound(clipping, None, dtype),
+      **clip_statistics_init(dtype, _hyperparams.bound(clipping, None, dtype)),
       units_clipped=jnp.zeros([], jnp.int32),
-      **clip_stats_init(dtype),
     )
 
   def update_fn(
@@ -150,12 +149,14 @@ def adaptive_grad_clip(
       grad_norm=like(_norms.norm_of_norms(g_norms)),
       clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones_like(state.clip_scale),
       clip_threshold=like(_hyperparams.bound(clipping, None, state.grad_norm.dtype)),
-      units_clipped=units,
-      steps_seen=optax.safe_increment(state.steps_seen),
+      count=optax.safe_increment(state.count),
       steps_clipped=count_if(state.steps_clipped, units > 0),
+      units_clipped=units,
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-_metrics.register(AdaptiveGradClipState, "adaptive_grad_clip", (*CLIP_STATS, "units_clipped"))
+_metrics.register_statistics(
+  AdaptiveGradClipState, "adaptive_grad_clip", (*CLIP_STATS, "units_clipped")
+)

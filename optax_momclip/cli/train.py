@@ -12,9 +12,8 @@ import numpy as np
 import optax
 from jax import lax
 
-from optax_momclip._metrics import metrics
-from optax_momclip._norms import global_norm
-from optax_momclip._tasks import Task
+import optax_momclip as omc
+from optax_momclip.cli.tasks import Task
 
 
 @dataclasses.dataclass(frozen=True)
@@ -23,14 +22,12 @@ class Arm:
 
   Attributes:
     name: the key in the JSON and the row label in the tables.
-    make: ``learning_rate -> optax transformation``; the learning rate may be
-      a traced scalar (runs at several learning rates are vmapped).
-    lr: the learning rate for fixed-rate tasks (ignored by a sweep).
+    make: ``learning_rate -> optax transformation``; the learning rate is a
+      traced scalar (runs at several learning rates are vmapped).
   """
 
   name: str
   make: Callable[[Any], optax.GradientTransformation]
-  lr: float = 0.0
 
 
 @dataclasses.dataclass
@@ -64,7 +61,7 @@ def _batched_metrics(state: Any) -> dict[str, np.ndarray]:
   """`metrics` of a state stacked over learning rates and seeds, each value f[G, S]."""
   if not jax.tree.leaves(state):
     return {}
-  return {k: np.asarray(v) for k, v in jax.vmap(jax.vmap(metrics))(state).items()}
+  return {k: np.asarray(v) for k, v in jax.vmap(jax.vmap(omc.metrics))(state).items()}
 
 
 def train(
@@ -77,7 +74,7 @@ def train(
   evals: int,
   on_chunk: Callable[[int], None] | None = None,
 ) -> Runs:
-  """Trains ``task`` with every arm at every learning rate in ``lr_table[a]`` from ``seeds`` seeds.
+  """Trains ``task`` with every arm at every learning rate in ``lrs[a]`` from ``seeds`` seeds.
 
   Each seed fixes an initialisation and a data stream that every arm and
   learning rate shares, so arms differ only by their optimizer. Steps run in a
@@ -88,7 +85,7 @@ def train(
   Args:
     task: the problem.
     arms: the optimizer configurations.
-    lrs: learning rates, f32[A, G].
+    lrs: learning rates, f32[A, G]: arm ``a`` runs at each of ``lrs[a]``.
     seeds: runs per (arm, learning rate).
     steps: training steps per run, a multiple of ``evals``.
     evals: how many times the held-out accuracy is measured.
@@ -97,58 +94,14 @@ def train(
   Returns:
     The per-step and per-evaluation results.
   """
-  num_arms, num_lrs = lrs.shape
   if steps % evals:
     raise ValueError(f"train: steps ({steps}) must be a multiple of evals ({evals})")
   chunk = steps // evals
-  lr_table = jnp.asarray(lrs, jnp.float32)
   seed_keys = jax.random.split(jax.random.key(0), seeds)
   data_keys = jax.vmap(lambda k: jax.random.fold_in(k, 1))(seed_keys)
-
   params0 = jax.vmap(task.init)(seed_keys)  # [S, ...]
-  params0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (num_arms, num_lrs, *x.shape)), params0)
-
-  def init_states(params: Any) -> tuple[Any, ...]:
-    return tuple(
-      _over_lrs_and_seeds(lambda lr, p, arm=arm: arm.make(lr).init(p))(
-        lr_table[a], jax.tree.map(lambda x, a=a: x[a], params)
-      )
-      for a, arm in enumerate(arms)
-    )
-
-  def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], Any]:
-    params, states = carry
-    batch = jax.vmap(task.batch, in_axes=(0, None))(data_keys, i)  # [S, ...]
-    grad_fn = jax.value_and_grad(task.loss)
-    per_seed = jax.vmap(grad_fn, in_axes=(0, 0))
-    loss, grads = jax.vmap(jax.vmap(per_seed, in_axes=(0, None)), in_axes=(0, None))(params, batch)
-    gnorm = jax.vmap(jax.vmap(jax.vmap(global_norm)))(grads)
-    new_params, new_states = [], []
-    for a, arm in enumerate(arms):
-      pick = lambda t, a=a: jax.tree.map(lambda x: x[a], t)
-
-      def update(lr: Any, gsp: tuple[Any, Any, Any], arm: Arm = arm) -> tuple[Any, Any]:
-        g, s, p = gsp
-        u, s = arm.make(lr).update(g, s, p)
-        return optax.apply_updates(p, u), s
-
-      p, s = _over_lrs_and_seeds(update)(lr_table[a], (pick(grads), states[a], pick(params)))
-      new_params.append(p)
-      new_states.append(s)
-    params = jax.tree.map(lambda *xs: jnp.stack(xs), *new_params)
-    return (params, tuple(new_states)), (loss, gnorm)
-
-  accuracy = jax.vmap(jax.vmap(jax.vmap(task.accuracy)))
-
-  @jax.jit
-  def start(params: Any) -> tuple[Any, Any]:
-    return params, init_states(params)
-
-  def advance(carry: tuple[Any, Any], first: jax.Array) -> tuple[Any, Any, jax.Array]:
-    carry, logs = lax.scan(step, carry, first + jnp.arange(chunk))
-    return carry, logs, accuracy(carry[0])
-
-  advance = jax.jit(advance, donate_argnums=0)
+  params0 = jax.tree.map(lambda x: jnp.broadcast_to(x, (*lrs.shape, *x.shape)), params0)
+  start, advance = _compiled_steps(task, arms, jnp.asarray(lrs, jnp.float32), data_keys, chunk)
   carry = start(params0)
   losses, norms, accs = [], [], []
   for c in range(evals):
@@ -171,3 +124,47 @@ def train(
     params_finite=np.asarray(finite),
     final_metrics=[_batched_metrics(st) for st in carry[1]],
   )
+
+
+def _compiled_steps(
+  task: Task, arms: list[Arm], lr_table: jax.Array, data_keys: jax.Array, chunk: int
+) -> tuple[Callable[..., Any], Callable[..., Any]]:
+  """``start(params) -> carry`` and ``advance(carry, first_step)``, ``chunk`` steps, jitted."""
+
+  def init_states(params: Any) -> tuple[Any, ...]:
+    return tuple(
+      _over_lrs_and_seeds(lambda lr, p, arm=arm: arm.make(lr).init(p))(
+        lr_table[a], jax.tree.map(lambda x, a=a: x[a], params)
+      )
+      for a, arm in enumerate(arms)
+    )
+
+  def step(carry: tuple[Any, Any], i: jax.Array) -> tuple[tuple[Any, Any], Any]:
+    params, states = carry
+    batch = jax.vmap(task.batch, in_axes=(0, None))(data_keys, i)  # [S, ...]
+    per_seed = jax.vmap(jax.value_and_grad(task.loss), in_axes=(0, 0))
+    loss, grads = jax.vmap(jax.vmap(per_seed, in_axes=(0, None)), in_axes=(0, None))(params, batch)
+    gnorm = jax.vmap(jax.vmap(jax.vmap(omc.global_norm)))(grads)
+    new_params, new_states = [], []
+    for a, arm in enumerate(arms):
+      pick = lambda t, a=a: jax.tree.map(lambda x: x[a], t)
+
+      def update(lr: Any, gsp: tuple[Any, Any, Any], arm: Arm = arm) -> tuple[Any, Any]:
+        g, s, p = gsp
+        u, s = arm.make(lr).update(g, s, p)
+        return optax.apply_updates(p, u), s
+
+      p, s = _over_lrs_and_seeds(update)(lr_table[a], (pick(grads), states[a], pick(params)))
+      new_params.append(p)
+      new_states.append(s)
+    params = jax.tree.map(lambda *xs: jnp.stack(xs), *new_params)
+    return (params, tuple(new_states)), (loss, gnorm)
+
+  accuracy = jax.vmap(jax.vmap(jax.vmap(task.accuracy)))
+
+  def advance(carry: tuple[Any, Any], first: jax.Array) -> tuple[Any, Any, jax.Array]:
+    carry, logs = lax.scan(step, carry, first + jnp.arange(chunk))
+    return carry, logs, accuracy(carry[0])
+
+  start = jax.jit(lambda params: (params, init_states(params)))
+  return start, jax.jit(advance, donate_argnums=0)
