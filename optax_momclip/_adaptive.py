@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, NamedTuple
 
 import jax
@@ -172,39 +173,52 @@ class ZClipState(NamedTuple):
   stats_count: jax.Array  # i32[]
 
 
+_MODES = ("zscore", "percentile")
+_CLIP_OPTIONS = ("adaptive_scaling", "mean")
+
+
 def zclip(
   z_threshold: float | jax.Array = 2.5,
   *,
   alpha: float | jax.Array = 0.97,
   warmup_steps: int | jax.Array = 25,
   max_norm: float | jax.Array | None = None,
+  mode: str = "zscore",
+  clip_option: str = "adaptive_scaling",
+  clip_factor: float | jax.Array = 1.0,
+  record_spikes: bool = True,
   axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
-  r"""ZClip: clips global-norm spikes detected by a z-score against EMA statistics.
+  r"""ZClip: clips global-norm spikes measured against EMA statistics of the norm.
 
   .. math:: z = \frac{\|g\| - \mu}{\sigma + 10^{-6}}, \qquad
-     \text{if } z > z_{thr}: \ g \leftarrow g \cdot
-     \frac{\mu + z_{thr}^2 \sigma / z}{\|g\|}
+     \text{if } z > z_{thr}: \ \|g\| \leftarrow c = f\,\big(\mu + z_{thr}^2 \sigma / z\big)
 
-  then, with the clipped norm :math:`\hat g`,
+  (``mode="zscore"``, ``clip_option="adaptive_scaling"``: a larger spike is
+  clipped harder), or ``c = μ`` (``clip_option="mean"``); with
+  ``mode="percentile"`` a norm above ``μ + z_thr·σ`` is clipped to it. ``f``
+  is ``clip_factor``, which, as in the reference code, multiplies the whole
+  adaptive threshold. Then, with the clipped norm :math:`\hat g = c` (the
+  norm itself on a step that is no spike),
   :math:`\mu \leftarrow \alpha\mu + (1-\alpha)\hat g`,
-  :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(\hat g - \mu)^2`.
-  The first ``warmup_steps`` finite norms set μ and σ² (their mean and
-  population variance) and are not clipped. A larger spike is clipped
-  harder (the threshold falls as z grows). A non-finite norm does not touch
-  the statistics and its update passes unscaled.
+  :math:`\sigma^2 \leftarrow \alpha\sigma^2 + (1-\alpha)(\hat g - \mu)^2`;
+  ``record_spikes=False`` (the reference's ``skip_update_on_spike=True``)
+  leaves the statistics alone on a spike. The first ``warmup_steps`` finite
+  norms set μ and σ² (their mean and population variance) and are not
+  clipped. ``max_norm`` optionally caps every step, warm-up included; it is
+  off by default, unlike the reference code's 1.0, so ZClip is the only rule
+  in force unless you ask for both.
 
-  ``max_norm`` optionally caps every step, warm-up included (a fixed clip on
-  top); it is off by default, unlike the reference code's 1.0, so ZClip is
-  the only rule in force.
-
-  Departure from the reference, so the rule never freezes: a z-score is
-  only taken against a spread ``σ >= 0.01·μ``. With the reference's
-  ``σ + 1e-6`` alone, a zero variance (identical norms, a one-step warm-up)
-  made every larger norm a huge spike, clipped to μ and fed back as μ, so
-  the statistics never moved again; likewise once the clipping of a
-  lasting change of scale has shrunk σ away. Below that spread no step is a
-  spike and its norm enters the statistics, which then follow it.
+  Departures from the reference code: the update is scaled to exactly the
+  threshold (the reference divides by ``norm + 1e-6``); a non-finite norm
+  does not touch the statistics and its update passes unscaled (in the
+  reference a NaN made μ NaN for good and an infinite norm gave NaN
+  gradients); and a spike is only measured against a spread ``σ > 1e-3·μ``:
+  with the reference's ``σ + 1e-6`` alone a zero variance (identical norms,
+  a one-step warm-up) made every larger norm a huge spike, clipped to μ and
+  fed back as μ, so the statistics never moved again, and so did a lasting
+  change of scale once the clipping had shrunk σ away. Below that spread no
+  step is a spike and its norm enters the statistics, which then follow it.
 
   Args:
     z_threshold: the z-score above which a norm is a spike, > 0 (``inf``:
@@ -212,6 +226,11 @@ def zclip(
     alpha: EMA decay α of the statistics, in ``[0, 1]``. Default 0.97.
     warmup_steps: finite norms that initialise the statistics, >= 1. Default 25.
     max_norm: an optional fixed upper bound on every step's norm, >= 0.
+    mode: ``"zscore"`` (default) or ``"percentile"``.
+    clip_option: with ``mode="zscore"``, ``"adaptive_scaling"`` (default) or
+      ``"mean"``.
+    clip_factor: ``f > 0``, multiplies the adaptive threshold. Default 1.
+    record_spikes: feed a spike's clipped norm into the statistics. Default True.
     axis_name: a mapped axis (``shard_map``/``pmap``) the updates are sharded
       over; the norm is then the global one across it. Default None.
 
@@ -230,21 +249,18 @@ def zclip(
 
   References:
     Kumar, Owen, Roy Chowdhury, Güra, *ZClip: Adaptive Spike Mitigation for
-    LLM Pre-Training*, 2025, https://arxiv.org/abs/2504.02507
+    LLM Pre-Training*, 2025, https://arxiv.org/abs/2504.02507; reference
+    code https://github.com/bluorion-com/ZClip
   """
   fn = "zclip"
-  _validation.check_scalar(fn, "z_threshold", z_threshold, low=0.0, low_open=True, infinite=True)
   _validation.check_scalar(fn, "alpha", alpha, low=0.0, high=1.0)
-  _validation.check_count(fn, "warmup_steps", warmup_steps)
   if max_norm is not None:
     _validation.check_scalar(fn, "max_norm", max_norm, low=0.0, infinite=True)
+  _validation.check_bool(fn, "record_spikes", record_spikes)
   _validation.check_axis_name(fn, axis_name)
+  rule = _ZClipRule.checked(fn, z_threshold, warmup_steps, mode, clip_option, clip_factor)
 
-  def cap(dtype: Any) -> jax.Array:
-    no_limit = jnp.finfo(dtype).max
-    if max_norm is None:
-      return jnp.asarray(no_limit, dtype)
-    return jnp.minimum(_hyperparams.bound(max_norm, None, dtype), no_limit)
+  cap = lambda dtype: _cap(max_norm, dtype)
 
   def init_fn(params: Any) -> ZClipState:
     dtype = _norms.statistics_dtype(params)
@@ -261,13 +277,13 @@ def zclip(
     del params, extra_args
     dtype = state.norm_mean.dtype
     norm = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
-    z_thr = _hyperparams.evaluate(z_threshold, None, dtype)
-    spike, clipped_norm, level = _zclip_decision(norm, state, z_thr, warmup_steps)
+    spike, clipped_norm, level = rule.decide(norm, state)
     limit = jnp.minimum(jnp.where(spike, clipped_norm, jnp.finfo(dtype).max), cap(dtype))
     scale = range_scale(norm, limit)
+    fed = jnp.isfinite(norm) & (~spike if not record_spikes else True)
     mean, var, count = norm_statistics(
       jnp.where(spike, clipped_norm, norm),
-      jnp.isfinite(norm),
+      fed,
       state.norm_mean,
       state.norm_var,
       state.stats_count,
@@ -284,18 +300,56 @@ def zclip(
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
 
 
-def _zclip_decision(
-  norm: jax.Array, state: ZClipState, z_thr: jax.Array, warmup_steps: Any
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(spike, the norm a spike is clipped to, the level reported as clip_threshold)``."""
-  no_limit = jnp.finfo(norm.dtype).max
-  warm = state.stats_count < warmup_steps
-  z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
-  spike = jnp.isfinite(norm) & ~warm & (z > z_thr)
-  clipped_norm = state.norm_mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)
-  trigger = jnp.where(informative, state.norm_mean + z_thr * (std + Z_EPS), no_limit)
-  level = jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))
-  return spike, clipped_norm, level
+def _cap(max_norm: Any, dtype: Any) -> jax.Array:
+  """``max_norm`` in ``dtype``; float32's (or float64's) largest value when there is none."""
+  no_limit = jnp.finfo(dtype).max
+  if max_norm is None:
+    return jnp.asarray(no_limit, dtype)
+  return jnp.minimum(_hyperparams.bound(max_norm, None, dtype), no_limit)
+
+
+@dataclasses.dataclass(frozen=True)
+class _ZClipRule:
+  """Whether a norm is a spike, what it is clipped to, and the level reported."""
+
+  z_threshold: Any
+  warmup_steps: Any
+  mode: str
+  clip_option: str
+  clip_factor: Any
+
+  @classmethod
+  def checked(cls, fn: str, *args: Any) -> _ZClipRule:
+    """The rule, its arguments checked (see `zclip`)."""
+    rule = cls(*args)
+    _validation.check_scalar(
+      fn, "z_threshold", rule.z_threshold, low=0.0, low_open=True, infinite=True
+    )
+    _validation.check_count(fn, "warmup_steps", rule.warmup_steps)
+    _validation.check_choice(fn, "mode", rule.mode, _MODES)
+    _validation.check_choice(fn, "clip_option", rule.clip_option, _CLIP_OPTIONS)
+    _validation.check_scalar(fn, "clip_factor", rule.clip_factor, low=0.0, low_open=True)
+    return rule
+
+  def decide(self, norm: jax.Array, state: ZClipState) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(spike, the norm a spike is clipped to, the level reported as clip_threshold)``."""
+    no_limit = jnp.finfo(norm.dtype).max
+    z_thr = _hyperparams.evaluate(self.z_threshold, None, norm.dtype)
+    warm = state.stats_count < self.warmup_steps
+    z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
+    mean = state.norm_mean
+    if self.mode == "percentile":
+      threshold = mean + z_thr * std
+      spike = jnp.isfinite(norm) & ~warm & informative & (norm > threshold)
+      return spike, threshold, jnp.where(warm | ~informative, no_limit, threshold)
+    spike = jnp.isfinite(norm) & ~warm & (z > z_thr)
+    if self.clip_option == "mean":
+      clipped_norm = mean
+    else:
+      factor = _hyperparams.evaluate(self.clip_factor, None, norm.dtype)
+      clipped_norm = (mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)) * factor
+    trigger = jnp.where(informative, mean + z_thr * (std + Z_EPS), no_limit)
+    return spike, clipped_norm, jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))
 
 
 _metrics.register_statistics(AutoClipState, "autoclip", CLIP_STATS)

@@ -1,4 +1,4 @@
-"""Running statistics of a norm: a warm-up mean and variance, then EMAs; z-scores against them."""
+"""Running statistics of a norm or a loss (EMA or rolling window) and spikes against them."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import jax.numpy as jnp
 
 # ZClip's eps in the z-score denominator (reference implementation).
 Z_EPS = 1e-6
-# The smallest spread, relative to the mean, that a z-score is taken against (see `zscore`).
-_INFORMATIVE = 1e-2
+# The smallest spread, relative to the mean, that a spike is measured against (`informative`).
+INFORMATIVE = 1e-3
 
 
 def norm_statistics(
@@ -42,21 +42,51 @@ def norm_statistics(
   return new_mean, new_var, new_count
 
 
-def zscore(
-  norm: jax.Array, mean: jax.Array, var: jax.Array
-) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """``(z, σ, informative)``: ZClip's ``z = (norm - μ)/(σ + 1e-6)``, where σ says something.
+def informative(std: jax.Array, mean: jax.Array) -> jax.Array:
+  """Whether a spread ``σ`` says anything about the values: ``σ > 1e-3·|μ|`` (NaN: yes).
 
-  A z-score measures a norm against the spread of the recent ones. Where
-  that spread is below ``0.01·|μ|`` (identical norms, a warm-up of one step,
-  or a spread that ZClip's own clipping has shrunk away) it says nothing: a
-  division by ``1e-6`` would call every larger norm a spike and, as spikes
-  never (or, clipped, barely) enter the statistics, freeze the rule forever.
-  There ``informative`` is false and ``z`` is 0: no step is a spike, and the
-  norms that follow restore the spread. Safe to differentiate at ``σ = 0``.
+  Below it (identical values, a warm-up of one step, or a spread that ZClip's
+  own clipping has shrunk away) a division by σ would call every larger
+  value a spike and, as spikes never (or, clipped, barely) enter the
+  statistics, freeze the rule forever. There no step is a spike, and the
+  values that follow restore the spread. A NaN spread (a window poisoned by
+  a recorded NaN, as OLMo-core and MaxText record it) decides, as theirs does.
+  """
+  return ~(std <= INFORMATIVE * jnp.abs(mean))
+
+
+def zscore(
+  value: jax.Array, mean: jax.Array, var: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(z, σ, informative)``: ZClip's ``z = (value - μ)/(σ + 1e-6)``, 0 where σ says nothing.
+
+  Safe to differentiate at ``σ = 0``.
   """
   positive = var > 0
   std = jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1)), 0)
-  informative = positive & (std >= _INFORMATIVE * jnp.abs(mean))
-  z = jnp.where(informative, (norm - mean) / (std + Z_EPS), 0)
-  return z, std, informative
+  useful = informative(std, mean)
+  return jnp.where(useful, (value - mean) / (std + Z_EPS), 0), std, useful
+
+
+def window_moments(values: jax.Array, size: jax.Array, ddof: int) -> tuple[jax.Array, jax.Array]:
+  """``(mean, var)`` of the first ``size`` slots of a ring buffer; ``ddof=1``: the sample variance.
+
+  As MaxText computes them (masked sums; a variance over one value is 0).
+  """
+  held = jnp.arange(values.shape[0]) < size
+  n = jnp.maximum(size, 1).astype(values.dtype)
+  mean = jnp.sum(jnp.where(held, values, 0)) / n
+  squares = jnp.sum(jnp.where(held, jnp.square(values - mean), 0))
+  return mean, squares / jnp.maximum(size - ddof, 1).astype(values.dtype)
+
+
+def window_push(
+  values: jax.Array, size: jax.Array, index: jax.Array, value: jax.Array, fed: jax.Array
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """``(values, size, index)`` of a ring buffer with ``value`` written at ``index`` if ``fed``."""
+  n = values.shape[0]
+  return (
+    jnp.where(fed, values.at[index].set(value.astype(values.dtype)), values),
+    jnp.where(fed, jnp.minimum(size + 1, n), size),
+    jnp.where(fed, (index + 1) % n, index),
+  )

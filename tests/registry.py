@@ -127,6 +127,30 @@ CASES: list[Case] = [
     drive=("max_norm", 0.01),
     inject={"max_norm": 10.0},
   ),
+  Case(  # the rolling-window rule
+    "skip_bad_steps",
+    lambda: omc.skip_bad_steps(
+      omc.clip_by_global_norm(1.0), max_norm=10.0, z_threshold=2.0, window=4, min_history=2
+    ),
+    omc.skip_bad_steps,
+    {
+      "inner": omc.clip_by_global_norm(1.0),
+      "max_norm": 10.0,
+      "z_threshold": 2.0,
+      "window": 4,
+      "min_history": 2,
+    },
+    static_args=("window",),
+    drive=("max_norm", 0.01),
+    inject={"max_norm": 10.0},
+  ),
+  Case(  # ZClip's percentile mode, spikes kept out of its statistics
+    "zclip",
+    lambda: omc.zclip(1.0, warmup_steps=1, mode="percentile", record_spikes=False),
+    omc.zclip,
+    {"z_threshold": 1.0, "alpha": 0.9, "warmup_steps": 1, "mode": "percentile"},
+    drive=("warmup_steps", 1),
+  ),
   Case(
     "heavy_ball",
     lambda: omc.heavy_ball(omc.demon(0.9, total_steps=10), dampening=0.1),

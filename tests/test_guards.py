@@ -90,7 +90,7 @@ def _spike_oracle(norms, z_thr, alpha, warmup, max_norm=None, max_spikes=None):
   for x in np.asarray(norms, np.float64):
     finite = np.isfinite(x)
     warm = len(acc) < warmup
-    informative = var > 0 and np.sqrt(var) >= 1e-2 * abs(mean)  # a spread worth a z-score
+    informative = np.sqrt(var) > 1e-3 * abs(mean)  # a spread worth a z-score
     z = (x - mean) / (np.sqrt(var) + 1e-6) if finite and informative else 0.0
     bad = finite and ((max_norm is not None and x > max_norm) or (not warm and z > z_thr))
     skip = bad or not finite
@@ -170,7 +170,7 @@ def test_without_a_restart_a_change_of_scale_is_skipped_forever():
 
 def test_after_equal_norms_a_growing_norm_is_followed_not_skipped_forever():
   """σ = 0 after two equal norms: dividing by 1e-6 skipped every larger norm, forever."""
-  norms = np.concatenate([[1.0, 1.0], 1.001 ** np.arange(1, 200)]).astype(np.float32)
+  norms = np.concatenate([[1.0, 1.0], 1.0001 ** np.arange(1, 200)]).astype(np.float32)
   tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, warmup_steps=2)
   _, states = _replay(tx, norms)
   skip, mean, _, _ = _spike_oracle(norms, 3.0, 0.99, 2)
@@ -179,7 +179,7 @@ def test_after_equal_norms_a_growing_norm_is_followed_not_skipped_forever():
   np.testing.assert_allclose(states.norm_mean, mean, rtol=1e-5)
   # A spike against the spread the drift has built is still skipped.
   spiked = norms.copy()
-  spiked[150] *= 1.5
+  spiked[150] *= 1.05
   _, states = _replay(tx, spiked)
   np.testing.assert_array_equal(np.flatnonzero(states.last_step_skipped), [150])
 
@@ -517,3 +517,257 @@ def test_gradients_through_the_replay_equal_those_through_selecting_after(kind):
   want = jax.jit(jax.grad(lambda g: loss(g, plain)))(U)
   _assert_bit_identical(got, want)
   assert any(np.any(np.asarray(x) != 0) for x in jax.tree.leaves(got))
+
+
+# ---- the loss as a signal; the rolling-window rule against OLMo-core's and MaxText's ---------
+
+
+def _loss_run(tx, norms, losses):
+  """Feeds g_t = norm_t·U with value=loss_t in one jitted scan; returns the per-step states."""
+  params = jax.tree.map(jnp.ones_like, U)
+
+  @jax.jit
+  def run(norms, losses):
+    def step(s, nl):
+      n, loss = nl
+      _, s = tx.update(jax.tree.map(lambda x: x * n, U), s, params, value=loss)
+      return s, s
+
+    return jax.lax.scan(step, tx.init(params), (norms, losses))[1]
+
+  return jax.tree.map(
+    np.asarray, run(jnp.asarray(norms, jnp.float32), jnp.asarray(losses, jnp.float32))
+  )
+
+
+def _recorded_streams(n=600, seed=0):
+  """A pre-training-like loss (decaying, noisy) and grad norm, with a few spikes in both."""
+  rng = np.random.default_rng(seed)
+  t = np.arange(n)
+  loss = 3.0 + 2.0 * np.exp(-t / 150) + 0.05 * rng.normal(size=n)
+  norm = 1.0 + 0.3 * np.exp(-t / 100) + 0.08 * rng.normal(size=n)
+  for i, k in [(200, 3.0), (201, 2.0), (350, 1.6), (420, 5.0), (500, 1.3), (65, 2.0)]:
+    loss[i % n] *= k
+  for i, k in [(260, 8.0), (261, 4.0), (430, 3.0), (520, 1.4), (70, 3.0)]:
+    norm[i % n] *= k
+  return norm.astype(np.float32), loss.astype(np.float32)
+
+
+def _olmo_core_skips(losses, norms, interval=128, sigma=6.0):
+  """OLMo-core's SkipStepOptimizer, re-implemented in NumPy (float32, as torch computes it).
+
+  allenai/OLMo-core, src/olmo_core/optim/skip_step_optimizer.py at commit
+  fa6c5014c9f6e9ee789da2d9c20d5126fee8df0d: every step's loss and grad norm are appended to
+  windows of interval + 1 values (skipped steps included); no decision while a window holds
+  fewer than max(2, interval // 2) values, the current one counted; then the step is kept when
+  value - mean <= sigma·std over the values before it, std with Bessel's correction
+  (torch.std_mean), for the loss and for the grad norm.
+  """
+  buf_l, buf_g, out = [], [], []
+  for loss, norm in zip(losses, norms, strict=True):
+    buf_l, buf_g = ([*buf_l, loss])[-(interval + 1) :], ([*buf_g, norm])[-(interval + 1) :]
+    if len(buf_l) < max(2, interval // 2):
+      out.append(False)
+      continue
+    ok = True
+    for buf, x in ((buf_l, loss), (buf_g, norm)):
+      h = np.asarray(buf[:-1], np.float32)
+      ok &= bool(
+        np.float32(x) - h.mean(dtype=np.float32) <= sigma * h.std(ddof=1, dtype=np.float32)
+      )
+    out.append(not ok)
+  return np.array(out)
+
+
+def _maxtext_skips(losses, norms, interval=128, scaling=6.0):
+  """MaxText's skip_step_on_spikes, re-implemented in NumPy (float32).
+
+  AI-Hypercomputer/maxtext, src/maxtext/optimizers/optimizers.py at commit
+  e591f30cbbf217ed67ef71263ec0538239f9c3b8: the statistics of the last min(count, interval)
+  values (masked sums, variance over max(1, n - 1)); a step is kept when (count + 1) <
+  max(2, interval // 2), or when value - mean <= scaling·std for the loss and the grad norm;
+  then the step's values are written at count % interval, skipped or not.
+  """
+  win_l, win_g = np.zeros(interval, np.float32), np.zeros(interval, np.float32)
+  out = []
+  for count, (loss, norm) in enumerate(zip(losses, norms, strict=True)):
+    n = min(count, interval)
+    ok = True
+    for win, x in ((win_l, loss), (win_g, norm)):
+      held = win[:n]
+      mean = held.sum(dtype=np.float32) / np.float32(max(1, n))
+      var = np.square(held - mean).sum(dtype=np.float32) / np.float32(max(1, n - 1))
+      ok &= bool(np.float32(x) - mean <= np.float32(scaling) * np.sqrt(var))
+    ok |= (count + 1) < max(2, interval // 2)
+    out.append(not ok)
+    win_l[count % interval], win_g[count % interval] = loss, norm
+  return np.array(out)
+
+
+def _their_rule(record_spikes=True):
+  return omc.skip_bad_steps(
+    optax.sgd(0.1),
+    z_threshold=6.0,
+    spike_on="either",
+    window=128,
+    std="sample",
+    record_spikes=record_spikes,
+  )
+
+
+def test_the_window_rule_recording_spikes_decides_as_olmo_core_and_maxtext():
+  norms, losses = _recorded_streams()
+  states = _loss_run(_their_rule(), norms, losses)
+  olmo, maxtext = _olmo_core_skips(losses, norms), _maxtext_skips(losses, norms)
+  np.testing.assert_array_equal(olmo, maxtext)
+  np.testing.assert_array_equal(states.last_step_skipped, olmo)
+  assert 3 <= olmo.sum() < 20  # the spikes are seen; the stream is not all skipped
+
+
+def test_one_nan_skips_their_whole_window_and_one_step_of_ours():
+  norms, losses = _recorded_streams()
+  losses = losses.copy()
+  losses[300] = np.nan
+  theirs = _loss_run(_their_rule(), norms, losses).last_step_skipped
+  np.testing.assert_array_equal(theirs, _olmo_core_skips(losses, norms) | np.isnan(losses))
+  assert theirs[300:428].all()  # the NaN sits in their window for 128 steps
+  ours = _loss_run(_their_rule(record_spikes=False), norms, losses)
+  clean = _loss_run(_their_rule(record_spikes=False), *_recorded_streams())
+  assert ours.last_step_skipped[300] and not clean.last_step_skipped[300]
+  # After the NaN, ours skips what it skips without it: the spikes at 350 and 420.
+  np.testing.assert_array_equal(ours.last_step_skipped[301:428], clean.last_step_skipped[301:428])
+  assert np.flatnonzero(ours.last_step_skipped[301:428]).tolist() == [49, 119]
+  assert np.isfinite(ours.loss_mean).all() and np.isfinite(ours.norm_window).all()
+
+
+def _window_oracle(values, z, window, min_history, ddof, fed_all=False):
+  """The window rule on one signal, float64: (skip, mean judged against) per step."""
+  held, out = [], []
+  for x in np.asarray(values, np.float64):
+    h = np.asarray(held[-window:])
+    spike = False
+    mean = h.mean() if len(h) else 0.0
+    if len(h) >= min_history:
+      std = np.sqrt(((h - mean) ** 2).sum() / max(len(h) - ddof, 1))
+      spike = std > 1e-3 * abs(mean) and not (x - mean <= z * std)
+    skip = spike or not np.isfinite(x)
+    if fed_all or not skip:
+      held.append(x)
+    out.append((skip, mean))
+  return [np.array(c) for c in zip(*out, strict=True)]
+
+
+@pytest.mark.parametrize("std, ddof", [("population", 0), ("sample", 1)])
+def test_the_window_rule_on_the_loss_alone_follows_accepted_steps(std, ddof):
+  norms, losses = _recorded_streams(seed=1)
+  losses = losses.copy()
+  losses[[150, 151]] = [np.inf, np.nan]
+  tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=4.0, spike_on="loss", window=32, std=std)
+  states = _loss_run(tx, norms, losses)
+  skip, mean = _window_oracle(losses, 4.0, 32, 15, ddof)
+  np.testing.assert_array_equal(states.last_step_skipped, skip)
+  np.testing.assert_allclose(states.loss_mean[20:], mean[20:], rtol=1e-5)
+  assert skip[[150, 151, 200]].all()
+  assert np.isfinite(states.loss_window).all() and np.isfinite(states.norm_window).all()
+
+
+def test_the_ema_rule_on_the_loss_follows_accepted_steps_only():
+  norms, losses = _recorded_streams(seed=2)
+  losses = losses.copy()
+  losses[[120, 121]] = [np.nan, np.inf]
+  tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=5.0, spike_on="loss", warmup_steps=20)
+  states = _loss_run(tx, norms, losses)
+  skip, mean, var, _count = _spike_oracle(losses, 5.0, 0.99, 20)
+  np.testing.assert_array_equal(states.last_step_skipped, skip)
+  np.testing.assert_allclose(states.loss_mean, mean, rtol=1e-5)
+  np.testing.assert_allclose(states.loss_var, var, rtol=1e-3, atol=1e-7)
+  assert skip[[120, 121, 200]].all() and np.isfinite(states.loss_mean).all()
+
+
+def test_a_nonfinite_loss_is_a_bad_step_and_no_value_is_today_s_rule():
+  norms = np.ones(6, np.float32)
+  losses = np.array([1.0, 1.0, np.nan, 1.0, np.inf, 1.0], np.float32)
+  states = _loss_run(omc.skip_bad_steps(optax.sgd(0.1)), norms, losses)
+  np.testing.assert_array_equal(states.last_step_skipped, np.isnan(losses) | np.isinf(losses))
+  with pytest.raises(TypeError, match=r"skip_bad_steps: spike_on='loss' needs the loss"):
+    tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, spike_on="loss")
+    tx.update(U, tx.init(U), U)
+
+
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"spike_on": "norm"}, r"spike_on must be one of \('grad_norm', 'loss', 'either'\)"),
+    ({"window": 1}, r"window must be >= 2, got 1"),
+    ({"window": 8, "min_history": 9}, r"min_history must be <= window \(8\), got 9"),
+    ({"record_spikes": True}, r"record_spikes=True needs a window"),
+    ({"min_history": 4}, r"min_history=4 needs a window"),
+    ({"window": 8, "std": "unbiased"}, r"std must be one of \('population', 'sample'\)"),
+  ],
+)
+def test_bad_window_arguments_raise(kwargs, match):
+  with pytest.raises((ValueError, TypeError), match=match):
+    omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, **kwargs)
+
+
+SKIP_RULES = {
+  "ema": dict(warmup_steps=10),
+  "window": dict(window=16),
+  "window, sample": dict(window=16, std="sample"),
+  "window, min_history 4": dict(window=16, min_history=4),
+}
+
+
+@pytest.mark.parametrize("signal", ["grad_norm", "loss", "either"])
+@pytest.mark.parametrize("rule", list(SKIP_RULES))
+def test_skip_statistics_are_never_poisoned_by_nonfinite_values(rule, signal):
+  """A NaN or Inf norm or loss is skipped and the statistics go on as if it had not come."""
+  norms, losses = _recorded_streams(n=80, seed=3)
+  tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=5.0, spike_on=signal, **SKIP_RULES[rule])
+  clean = _loss_run(tx, norms, losses)
+  bad_norms, bad_losses = norms.copy(), losses.copy()
+  bad_norms[30], bad_losses[50] = np.nan, np.inf
+  dirty = _loss_run(tx, bad_norms, bad_losses)
+  skipped = dirty.last_step_skipped
+  assert skipped[30] and skipped[50]
+  gone = _loss_run(tx, np.delete(norms, [30, 50]), np.delete(losses, [30, 50]))
+  keep = np.delete(np.arange(80), [30, 50])
+  for field in ("norm_mean", "norm_var", "loss_mean", "loss_var", "stats_count", "norm_window"):
+    np.testing.assert_array_equal(getattr(dirty, field)[keep], getattr(gone, field), field)
+  assert np.isfinite(dirty.norm_mean).all() and np.isfinite(dirty.loss_mean).all()
+  assert clean.last_step_skipped.sum() <= skipped.sum()
+
+
+def test_the_loss_reaches_skip_bad_steps_through_every_wrapper():
+  """optax.chain, inject_hyperparams, MultiSteps and nnx.Optimizer pass value=loss on."""
+  from flax import nnx
+
+  make = lambda: omc.skip_bad_steps(
+    optax.sgd(0.1), z_threshold=4.0, spike_on="loss", window=8, min_history=4
+  )
+  losses = [1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 30.0, 1.0]
+  params = {"w": jnp.ones(2)}
+  wrappers = {
+    "chain": optax.chain(make()),
+    "inject_hyperparams": optax.inject_hyperparams(omc.skip_bad_steps, static_args=("window",))(
+      optax.sgd(0.1), z_threshold=4.0, spike_on="loss", window=8, min_history=4
+    ),
+    "MultiSteps": optax.MultiSteps(make(), every_k_schedule=1),
+  }
+  for name, tx in wrappers.items():
+    state = tx.init(params)
+    for loss in losses:
+      _, state = jax.jit(tx.update)({"w": jnp.ones(2)}, state, params, value=jnp.float32(loss))
+    assert int(optax.tree.get(state, "steps_skipped")) == 1, name
+
+  model = nnx.Linear(2, 1, rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, make(), wrt=nnx.Param)
+
+  @nnx.jit
+  def step(model, optimizer, loss):
+    grads = nnx.grad(lambda m: jnp.sum(m(jnp.ones((1, 2)))))(model)
+    optimizer.update(model, grads, value=loss)
+
+  for loss in losses:
+    step(model, optimizer, jnp.float32(loss))
+  assert int(omc.metrics(optimizer.opt_state)["skip_bad_steps/steps_skipped"]) == 1

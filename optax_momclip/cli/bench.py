@@ -127,10 +127,29 @@ def overhead_variants() -> dict[str, Callable[[], optax.GradientTransformation]]
     _replay,
     SELECT_AS_COMPUTED=False,
   )
-  variants["skip_bad_steps(z_threshold=6)"] = lambda: omc.skip_bad_steps(
-    _omc_chain(omc.clip_by_global_norm(MAX_NORM)), z_threshold=6.0
+  guarded = lambda **kw: omc.skip_bad_steps(_omc_chain(omc.clip_by_global_norm(MAX_NORM)), **kw)
+  variants["skip_bad_steps(z_threshold=6)"] = lambda: guarded(z_threshold=6.0)
+  variants["skip_bad_steps(window=128)"] = lambda: guarded(z_threshold=6.0, window=128)
+  variants["skip_bad_steps(loss and norm, window=128)"] = lambda: _with_loss(
+    guarded(z_threshold=6.0, window=128, spike_on="either", std="sample", record_spikes=True)
+  )
+  variants["skip_bad_steps(loss and norm, EMA)"] = lambda: _with_loss(
+    guarded(z_threshold=6.0, spike_on="either")
+  )
+  variants["zclip(mode='percentile')"] = lambda: _omc_chain(omc.zclip(mode="percentile"))
+  variants["zclip(clip_option='mean', record_spikes=False)"] = lambda: _omc_chain(
+    omc.zclip(clip_option="mean", record_spikes=False)
   )
   return variants
+
+
+def _with_loss(tx: optax.GradientTransformation) -> optax.GradientTransformation:
+  """``tx`` given a loss (a constant here: the cost is the same) as ``value``, every step."""
+
+  def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
+    return optax.with_extra_args_support(tx).update(updates, state, params, value=jnp.float32(2.5))
+
+  return optax.GradientTransformation(tx.init, update_fn)
 
 
 # ----------------------------------------------------------------------------------------------
