@@ -604,13 +604,13 @@ def _maxtext_skips(losses, norms, interval=128, scaling=6.0):
   return np.array(out)
 
 
-def _their_rule(record_spikes=True):
+def _their_rule(record_spikes=True, window=128, z_threshold=6.0, std="sample"):
   return omc.skip_bad_steps(
     optax.sgd(0.1),
-    z_threshold=6.0,
+    z_threshold=z_threshold,
     spike_on="either",
-    window=128,
-    std="sample",
+    window=window,
+    std=std,
     record_spikes=record_spikes,
   )
 
@@ -622,6 +622,35 @@ def test_the_window_rule_recording_spikes_decides_as_olmo_core_and_maxtext():
   np.testing.assert_array_equal(olmo, maxtext)
   np.testing.assert_array_equal(states.last_step_skipped, olmo)
   assert 3 <= olmo.sum() < 20  # the spikes are seen; the stream is not all skipped
+
+
+def test_near_the_threshold_their_std_flavour_and_minimum_history_decide_as_theirs():
+  # A heavy-tailed loss judged at 2 sigma over 8 values: many decisions lie near the
+  # threshold, so the std flavour and the minimum history both change some of them.
+  rng = np.random.default_rng(3)
+  losses = (3.0 + 0.1 * rng.standard_t(3, size=400)).astype(np.float32)
+  losses[2] = 6.0  # a spike before their minimum history: not judged
+  norms = np.linspace(2.0, 1.0, 400, dtype=np.float32)  # falling: never a spike
+  olmo = _olmo_core_skips(losses, norms, interval=8, sigma=2.0)
+  np.testing.assert_array_equal(olmo, _maxtext_skips(losses, norms, interval=8, scaling=2.0))
+  ours = _loss_run(_their_rule(window=8, z_threshold=2.0), norms, losses).last_step_skipped
+  np.testing.assert_array_equal(ours, olmo)
+  population = _loss_run(_their_rule(window=8, z_threshold=2.0, std="population"), norms, losses)
+  assert (population.last_step_skipped != olmo).any()  # the flavour is seen
+  early = _loss_run(
+    omc.skip_bad_steps(
+      optax.sgd(0.1),
+      z_threshold=2.0,
+      spike_on="either",
+      window=8,
+      min_history=1,
+      std="sample",
+      record_spikes=True,
+    ),
+    norms,
+    losses,
+  ).last_step_skipped
+  assert (early != olmo).any()  # so is the minimum history
 
 
 def test_one_nan_skips_their_whole_window_and_one_step_of_ours():
