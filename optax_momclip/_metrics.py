@@ -17,6 +17,7 @@ class _Stats:
   name: str
   fields: tuple[str, ...]
   fractions: Mapping[str, tuple[str, str]]
+  summaries: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[type, _Stats] = {}
@@ -29,6 +30,7 @@ def register_statistics(
   fields: Sequence[str],
   *,
   fractions: Mapping[str, tuple[str, str]] | None = None,
+  summaries: Sequence[str] = (),
 ) -> None:
   """Declares the statistics a state type keeps, so that `metrics` reports them.
 
@@ -45,6 +47,10 @@ def register_statistics(
     fractions: derived keys, ``{key: (numerator, denominator)}`` of counter
       fields, reported as ``numerator / max(denominator, 1)``. Default:
       ``clip_fraction = steps_clipped / count`` where both are fields.
+    summaries: fields holding one statistic per leaf (a tree of arrays) that
+      are reported as three keys, ``"<name>/<field>_min"``, ``_mean`` and
+      ``_max`` over all their elements, instead of one key per leaf: for
+      large models. Default none.
 
   Returns:
     None; registering the same type again replaces its entry.
@@ -66,7 +72,7 @@ def register_statistics(
   """
   if fractions is None:
     fractions = {k: v for k, v in _FRACTIONS.items() if set(v) <= set(fields)}
-  _REGISTRY[state_type] = _Stats(name, tuple(fields), dict(fractions))
+  _REGISTRY[state_type] = _Stats(name, tuple(fields), dict(fractions), tuple(summaries))
 
 
 def _is_stats_node(x: Any) -> bool:
@@ -112,7 +118,8 @@ def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
       n = seen.get(key, 0)
       seen[key] = n + 1
       out.append((key if n == 0 else f"{key}_{n}", node))
-      rest = {f: getattr(node, f) for f in getattr(node, "_fields", ()) if f not in spec.fields}
+      stats = (*spec.fields, *spec.summaries)
+      rest = {f: getattr(node, f) for f in getattr(node, "_fields", ()) if f not in stats}
       visit(list(rest.values()), scope + _scope(path))
 
   visit(opt_state, "")
@@ -137,7 +144,9 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   transformation under the same names is numbered, ``<transform>_1``, in
   tree order; give it a name with ``optax.named_chain`` to fix its key.
   Statistics kept per leaf (`clip_by_norm`) get one key per leaf path, the
-  largest value over a leaf's slices (none for a zero-size leaf). Reads
+  largest value over a leaf's slices (none for a zero-size leaf); those
+  registered as summaries (`adagc`'s per-tensor ``gamma``) get three keys,
+  ``<field>_min``, ``_mean`` and ``_max``. Reads
   only what the state holds: no norm is recomputed, and it is safe inside
   ``jit``.
 
@@ -170,11 +179,26 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
       for path, leaf in flat:  # a statistic kept per leaf; a zero-size leaf has none
         if leaf.size:
           out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(leaf) if leaf.ndim else leaf
+    for field in spec.summaries:
+      out.update(_summary(f"{name}/{field}", getattr(node, field)))
     for key, (num, den) in spec.fractions.items():
       if num in values and den in values:
         denom = jnp.maximum(values[den], 1).astype(jnp.float32)
         out[f"{name}/{key}"] = values[num].astype(jnp.float32) / denom
   return out
+
+
+def _summary(key: str, tree: Any) -> dict[str, jax.Array]:
+  """Min, mean and max over every element of a tree of arrays (none for an empty tree)."""
+  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree) if jnp.size(x)]
+  if not leaves:
+    return {}
+  values = jnp.concatenate(leaves)  # one value per leaf: a few hundred scalars at most
+  return {
+    f"{key}_min": jnp.min(values),
+    f"{key}_mean": jnp.mean(values),
+    f"{key}_max": jnp.max(values),
+  }
 
 
 def _check(assertion: Callable[[], None]) -> None:

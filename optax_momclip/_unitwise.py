@@ -1,7 +1,9 @@
-"""Clipping each unit on its own, against a reference of its own: AGC (the unit's weights)."""
+"""Clipping each unit on its own, against a reference of its own: AGC (the unit's weights) and
+AdaGC (the tensor's own recent norms)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -10,7 +12,8 @@ import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
 from optax_momclip._clipping import CLIP_STATS, clip_statistics_init, count_if
-from optax_momclip._scaling import range_scale, scale_leaf
+from optax_momclip._hyperparams import ScheduleOrScalar
+from optax_momclip._scaling import Scale, range_scale, scale_leaf
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -159,4 +162,189 @@ def adaptive_grad_clip(
 
 _metrics.register_statistics(
   AdaptiveGradClipState, "adaptive_grad_clip", (*CLIP_STATS, "units_clipped")
+)
+
+
+# ---- adagc ------------------------------------------------------------------------------------
+
+
+class AdaGCState(NamedTuple):
+  """State of `adagc`.
+
+  Attributes:
+    gamma: a tree like the updates with each tensor's threshold γ: an EMA of
+      its clipped norms (the smallest clipped norm during warm-up); ``inf``
+      until a finite norm is seen. f32[] per leaf (f64 for float64 params, as
+      every float field here); f32[0] for a zero-size leaf, which has none.
+    grad_norm: the global L2 norm of the incoming updates, before clipping. f32[].
+    clip_scale: the smallest factor any tensor was multiplied by this step. f32[].
+    clip_threshold: ``lambda_abs`` during warm-up (a global norm), then
+      ``lambda_rel`` (a ratio to γ). f32[].
+    count: updates processed (saturating); warm-up lasts while
+      ``count + 1 < warmup_steps``, and always for the first update. i32[].
+    steps_clipped: updates in which at least one tensor was rescaled. i32[].
+    tensors_clipped: tensors rescaled this step. i32[].
+  """
+
+  gamma: Any  # tree of f32[] (f32[0] for a zero-size leaf)
+  grad_norm: jax.Array  # f32[]
+  clip_scale: jax.Array  # f32[]
+  clip_threshold: jax.Array  # f32[]
+  count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
+  steps_clipped: jax.Array  # i32[]
+  tensors_clipped: jax.Array  # i32[]
+
+
+def adagc(
+  lambda_rel: ScheduleOrScalar = 1.05,
+  *,
+  beta: float | jax.Array = 0.98,
+  lambda_abs: ScheduleOrScalar = 1.0,
+  warmup_steps: int | jax.Array = 100,
+  eps: float | jax.Array = 1e-8,
+  axis_name: str | tuple[str, ...] | None = None,
+) -> optax.GradientTransformationExtraArgs:
+  r"""AdaGC: each tensor clipped against an EMA of its own clipped norms.
+
+  .. math::
+     h_i = \min\Big(\frac{\lambda_{rel}\,\max(\gamma_i, \epsilon)}
+     {\max(\|g_i\|, \epsilon)}, 1\Big), \quad \hat g_i = h_i g_i, \quad
+     \gamma_i \leftarrow \beta\gamma_i + (1 - \beta)\|\hat g_i\|
+
+  for each tensor (leaf) ``i`` after warm-up. During warm-up (the first
+  update, and every update while ``count + 1 < warmup_steps``) the whole
+  update is clipped to a global norm of ``lambda_abs``,
+  ``ĝ = g·min(λ_abs/(‖g‖ + ε), 1)``, and each γᵢ is the smallest
+  ``‖ĝᵢ‖`` seen. A tensor whose gradient suddenly grows beyond ``λ_rel``
+  times its recent norm is scaled back to it, whatever the other tensors do.
+  Chain it before the optimizer: ``optax.chain(adagc(), optax.adam(lr))`` is
+  the paper's AdaGC-Adam. γ is reported by `metrics` as ``gamma_min``,
+  ``gamma_mean`` and ``gamma_max``.
+
+  As the reference implementation (``pytorch_optimizer.AdaGC``, with its
+  ``eps`` clamps and step counting), except: a non-finite norm leaves its
+  tensor unscaled (the update stays non-finite, for `skip_bad_steps` to
+  catch) and its γ unchanged (all of them during warm-up), where the
+  reference's γ turns NaN for the rest of training; complex tensors are
+  clipped by ``|z|`` (the reference refuses them); γ is ``inf`` until set
+  rather than absent; and the weight decay and Adam of the reference are
+  optax's (``optax.adamw``, or ``optax.add_decayed_weights`` before
+  ``adagc`` for the reference's coupled decay).
+
+  Args:
+    lambda_rel: λ_rel > 0, the ratio to γ a tensor's norm may reach after
+      warm-up; a schedule of the step is allowed. Default 1.05.
+    beta: the EMA decay β in ``[0, 1)``. Default 0.98.
+    lambda_abs: λ_abs > 0, the global norm during warm-up; a schedule is
+      allowed. Default 1.0.
+    warmup_steps: updates in warm-up, >= 0 (see above). Default 100.
+    eps: ε >= 0 of the clamps and the warm-up denominator. Default 1e-8.
+    axis_name: for leaves sharded under ``shard_map``/``pmap``: each tensor's
+      norm is summed over these mapped axes. Default None.
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` whose state is an `AdaGCState`.
+
+  Examples:
+    >>> import jax.numpy as jnp
+    >>> import optax_momclip as omc
+    >>> tx = omc.adagc(1.05, warmup_steps=1)
+    >>> g = {"a": jnp.array([0.03, 0.04]), "b": jnp.array([0.3, 0.4])}
+    >>> u, state = tx.update(g, tx.init(g))  # warm-up: global norm 0.5025 <= 1, kept
+    >>> print(state.gamma["a"], state.gamma["b"])
+    0.05 0.5
+    >>> u, state = tx.update({"a": 10 * g["a"], "b": g["b"]}, state)
+    >>> print(u["a"], u["b"], state.tensors_clipped)  # "a" grew 10×: back to 1.05·γ
+    [0.0315 0.042 ] [0.3 0.4] 1
+
+  References:
+    Wang et al., *AdaGC: Improving Training Stability for Large Language
+    Model Pretraining*, 2025, https://arxiv.org/abs/2502.11034
+  """
+  fn = "adagc"
+  _validation.check_scalar(fn, "lambda_rel", lambda_rel, low=0.0, low_open=True, schedule=True)
+  _validation.check_scalar(fn, "beta", beta, low=0.0, high=1.0, high_open=True)
+  _validation.check_scalar(fn, "lambda_abs", lambda_abs, low=0.0, low_open=True, schedule=True)
+  _validation.check_count(fn, "warmup_steps", warmup_steps, low=0)
+  _validation.check_scalar(fn, "eps", eps, low=0.0)
+  _validation.check_axis_name(fn, axis_name)
+  gamma_shape = lambda shape: () if math.prod(shape) else (0,)
+
+  def init_fn(params: Any) -> AdaGCState:
+    dtype = _norms.statistics_dtype(params)
+    return AdaGCState(
+      gamma=jax.tree.map(lambda x: jnp.full(gamma_shape(jnp.shape(x)), jnp.inf, dtype), params),
+      **clip_statistics_init(dtype, _hyperparams.evaluate(lambda_abs, jnp.zeros([]), dtype)),
+      tensors_clipped=jnp.zeros([], jnp.int32),
+    )
+
+  def update_fn(
+    updates: Any, state: AdaGCState, params: Any = None, **extra_args: Any
+  ) -> tuple[Any, AdaGCState]:
+    del params, extra_args
+    _validation.check_tree_matches(fn, updates, state.gamma, shape_of=gamma_shape)
+    leaves, treedef = jax.tree.flatten(updates)
+    grads = [jnp.asarray(g) for g in leaves]
+    gammas = jax.tree.leaves(state.gamma)
+    dtype = state.grad_norm.dtype
+    norms = [
+      n.astype(dtype) for n in _norms.global_norms([[g] for g in grads], axis_name=axis_name)
+    ]
+    total = _norms.norm_of_norms(norms).astype(dtype)
+    h = _AdaGCRule(lambda_rel, beta, lambda_abs, warmup_steps, eps, dtype, state.count)
+    scales, new_gammas = h.scales_and_gammas(norms, total, gammas)
+    moved = [s.changes() for s in scales]
+    tensors = jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
+    lowest = [s.value().astype(dtype) for s in scales]
+    new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
+    return jax.tree.unflatten(treedef, new), (
+      AdaGCState(
+        gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), new_gammas),
+        grad_norm=total,
+        clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones_like(state.clip_scale),
+        clip_threshold=jnp.where(h.warm, h.lambda_abs, h.lambda_rel),
+        count=optax.safe_increment(state.count),
+        steps_clipped=count_if(state.steps_clipped, tensors > 0),
+        tensors_clipped=tensors,
+      )
+    )
+
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+
+
+class _AdaGCRule:
+  """AdaGC's hyperparameters evaluated at one step, and its per-tensor rule."""
+
+  def __init__(
+    self, lambda_rel: Any, beta: Any, lambda_abs: Any, warmup: Any, eps: Any, dtype: Any, count: Any
+  ):
+    self.lambda_rel = _hyperparams.bound(lambda_rel, count, dtype)
+    self.lambda_abs = _hyperparams.bound(lambda_abs, count, dtype)
+    self.weight = _hyperparams.complement(beta, None, dtype)
+    self.eps = _hyperparams.bound(eps, None, dtype)
+    self.warm = (count == 0) | (count + 1 < warmup)
+
+  def scales_and_gammas(
+    self, norms: list[jax.Array], total: jax.Array, gammas: list[jax.Array]
+  ) -> tuple[list[Scale], list[jax.Array]]:
+    """Each tensor's factor ``h`` and its new γ (a zero-size tensor's γ stays empty)."""
+    warm_scale = range_scale(total + self.eps, self.lambda_abs)
+    scales, new = [], []
+    for n, gamma in zip(norms, gammas, strict=True):
+      g0 = gamma.astype(n.dtype) if gamma.size else jnp.zeros([], n.dtype)
+      unset = jnp.isinf(g0)  # no finite norm seen yet: no bound (and no NaN in its gradient)
+      known = jnp.where(unset, 1, g0)
+      hi = jnp.where(unset, jnp.inf, self.lambda_rel * jnp.maximum(known, self.eps))
+      scale = _scaling.where(self.warm, warm_scale, range_scale(jnp.maximum(n, self.eps), hi))
+      clipped = _scaling.multiplier(scale, n.dtype)(n)
+      ema = jnp.where(unset, clipped, known + self.weight * (clipped - known))
+      updated = jnp.where(self.warm, jnp.minimum(g0, clipped), ema)
+      finite = jnp.where(self.warm, jnp.isfinite(total), jnp.isfinite(n))
+      scales.append(scale)
+      new.append(jnp.where(finite, updated, g0).astype(gamma.dtype) if gamma.size else gamma)
+    return scales, new
+
+
+_metrics.register_statistics(
+  AdaGCState, "adagc", (*CLIP_STATS, "tensors_clipped"), summaries=("gamma",)
 )

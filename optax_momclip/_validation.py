@@ -177,16 +177,16 @@ def check_positive_int(fn: str, name: str, value: Any, *, low: int = 1) -> int:
   return int(value)
 
 
-def check_count(fn: str, name: str, value: Any) -> None:
-  """Checks a count >= 1 that does not fix a shape, so it may be a traced 0-d array.
+def check_count(fn: str, name: str, value: Any, *, low: int = 1) -> None:
+  """Checks a count >= ``low`` that does not fix a shape, so it may be a traced 0-d array.
 
   ``optax.inject_hyperparams`` turns integer arguments into arrays; those are
   range-checked when concrete.
   """
   if hasattr(value, "shape") and not isinstance(value, np.generic):
-    check_scalar(fn, name, value, low=1.0)
+    check_scalar(fn, name, value, low=float(low))
   else:
-    check_positive_int(fn, name, value)
+    check_positive_int(fn, name, value, low=low)
 
 
 def check_dtype(fn: str, name: str, dtype: Any) -> None:

@@ -223,6 +223,28 @@ CASES: list[Case] = [
       optax.linear_schedule(0.1, 0.01, 10), 0.5, max_norm=1.0, dampening=0.5, weight_decay=2**-6
     ),
   ),
+  Case(
+    "mars",
+    lambda: omc.mars(0.5, 0.9),
+    omc.mars,
+    {"gamma": 0.5, "beta1": 0.9},
+    drive=("gamma", 0.0),
+  ),
+  Case(
+    "adagc",
+    lambda: omc.adagc(1.05, beta=0.9, warmup_steps=2),
+    omc.adagc,
+    {"lambda_rel": 1.05, "beta": 0.9, "lambda_abs": 1.0, "warmup_steps": 2, "eps": 1e-8},
+    drive=("lambda_rel", 0.5),
+    inject={"warmup_steps": 2},
+  ),
+  Case(  # around momentum with its negative scale: some components climb the gradient
+    "cautious",
+    lambda: omc.cautious(optax.chain(omc.heavy_ball(0.9), optax.scale(-0.5))),
+    omc.cautious,
+    {"inner": optax.chain(omc.heavy_ball(0.9), optax.scale(-0.5))},
+    eager_anchor="chain",
+  ),
   # Later issues append their transformations here.
 ]
 

@@ -29,6 +29,11 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     assert (r["torch_ms"] is not None) == has_torch
     assert len(r["samples_ms"]["ours"]) == res["config"]["repeats"]
   assert {"clip_by_global_norm", "stats-free clip"} <= set(res["overhead"]["ms"])
+  methods = res["methods"]
+  assert set(methods["ms"]) == {"adamw", "mars + adamw", "cautious(adamw)", "adam", "adagc + adam"}
+  assert methods["buffer_ms"] > 0
+  for key in ("mars_extra_buffers", "adagc_overhead", "cautious_overhead"):
+    assert math.isfinite(methods[key]), key
   assert res["compile"]["leaves"] == 30 and res["compile"]["ours_s"] > 0
   assert {r["transformation"] for r in res["eager"]["rows"]} == set(
     n for n in omc.__all__ if n[0].islower()
@@ -55,6 +60,12 @@ def test_targets_compare_against_their_limits():
     "config": {"quick": False},
     "step": [step, {**step, "dtype": "bfloat16", "ours_over_optax": 1.01}],
     "overhead": {"params": 16 * 2**20, "overhead": {"statistics": 0.03, "zclip": 0.01}},
+    "methods": {
+      "params": 16 * 2**20,
+      "mars_extra_buffers": 1.5,
+      "adagc_overhead": 0.08,
+      "cautious_overhead": 0.2,
+    },
     "compile": {"leaves": 300, "ours_over_optax": 1.3},
     "eager": {"rows": [{"transformation": "qhm", "ratio": 2.9}]},
     "fence": [{"params": 16 * 2**20, "dtype": "bfloat16", "unfenced_over_fenced": 4.5}],
@@ -66,6 +77,9 @@ def test_targets_compare_against_their_limits():
     ("time / optax chain", "16M bfloat16"): False,
     ("statistics overhead", "16M f32"): False,
     ("zclip overhead", "16M f32"): True,
+    ("MARS extra traffic, buffers", "16M f32"): False,
+    ("AdaGC overhead over Adam", "16M f32"): True,
+    ("cautious overhead over AdamW", "16M f32"): False,
     ("compile time / optax", "300 distinct shapes"): False,
     ("eager update / optax (worst)", "qhm"): True,
     ("CPU barrier: time without / with", "16M bf16"): True,

@@ -8,6 +8,9 @@ The targets (ratios measured in one process; absolute times mean little on a sha
 - it takes at most 0.7 of PyTorch's `clip_grad_norm_` + `SGD(momentum)` (foreach, same threads);
 - the statistics kept in a clip's state cost at most 2%, `autoclip`, `zclip` and every
   `skip_bad_steps` mode at most 5% over a plain global-norm clip;
+- MARS costs at most one extra buffer's traffic (a read and a write of a parameter-sized
+  float32 buffer) over the AdamW it feeds; AdaGC over Adam and cautious masking over AdamW
+  at most 10%;
 - a step on a tree of many distinct leaf shapes compiles in at most 1.25× optax's time;
 - an eager (un-jitted) update takes at most 3× the time of optax's nearest equivalent.
 """
@@ -150,6 +153,18 @@ def _with_loss(tx: optax.GradientTransformation) -> optax.GradientTransformation
     return optax.with_extra_args_support(tx).update(updates, state, params, value=jnp.float32(2.5))
 
   return optax.GradientTransformation(tx.init, update_fn)
+
+
+def method_variants() -> dict[str, Callable[[], optax.GradientTransformation]]:
+  """MARS, AdaGC and cautious masking, each beside the optimizer it feeds or wraps."""
+  adamw = lambda: optax.adamw(3e-3, b1=0.95, b2=0.99, weight_decay=0.01)
+  return {
+    "adamw": adamw,
+    "mars + adamw": lambda: optax.chain(omc.mars(), adamw()),
+    "cautious(adamw)": lambda: omc.cautious(adamw()),
+    "adam": lambda: optax.adam(1e-3),
+    "adagc + adam": lambda: optax.chain(omc.adagc(), optax.adam(1e-3)),
+  }
 
 
 # ----------------------------------------------------------------------------------------------
@@ -329,6 +344,8 @@ def eager_cases() -> dict[str, tuple[Callable[[], optax.GradientTransformation],
     "adaptive_grad_clip": (lambda: omc.adaptive_grad_clip(0.1), "clip"),
     "autoclip": (lambda: omc.autoclip(), "clip"),
     "zclip": (lambda: omc.zclip(), "clip"),
+    "adagc": (lambda: omc.adagc(), "clip"),
+    "mars": (lambda: omc.mars(), "clip"),
     "skip_bad_steps": (
       lambda: omc.skip_bad_steps(omc.clip_by_global_norm(1.0), z_threshold=3.0),
       "clip",
@@ -340,6 +357,7 @@ def eager_cases() -> dict[str, tuple[Callable[[], optax.GradientTransformation],
     "clipped_momentum": (lambda: omc.clipped_momentum(1.0), "chain"),
     "normalized_momentum": (lambda: omc.normalized_momentum(), "chain"),
     "momclip_sgd": (lambda: omc.momclip_sgd(0.1, max_norm=1.0), "chain"),
+    "cautious": (lambda: omc.cautious(omc.momclip_sgd(0.1, 0.9, max_norm=1.0)), "chain"),
   }
 
 
@@ -471,6 +489,31 @@ def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
   return {"params": n, "ms": ms, "overhead": overhead, "samples_ms": samples_ms}
 
 
+def bench_methods(n: int, cfg: Config) -> dict[str, Any]:
+  """MARS's cost in buffers of traffic over AdamW; AdaGC's over Adam, cautious's over AdamW."""
+  params, grads = make_tree(n, jnp.float32, 0), make_tree(n, jnp.float32, 1)
+  runners: dict[str, Callable[[int], None]] = {"kernel": kernel_runner(params, grads)}
+  runners.update(
+    {name: jax_runner(make(), params, grads) for name, make in method_variants().items()}
+  )
+  del params
+  samples, ms = _measure(runners, cfg)
+  # The probe reads b and g and writes b: a buffer's read and write is 2/3 of its time.
+  buffer = [k * 2 / 3 for k in samples["kernel"]]
+  extra = [
+    (a - b) / c for a, b, c in zip(samples["mars + adamw"], samples["adamw"], buffer, strict=True)
+  ]
+  return {
+    "params": n,
+    "ms": {k: v for k, v in ms.items() if k != "kernel"},
+    "buffer_ms": ms["kernel"] * 2 / 3,
+    "mars_extra_buffers": statistics.median(extra),
+    "adagc_overhead": paired_ratio(samples, "adagc + adam", "adam") - 1.0,
+    "cautious_overhead": paired_ratio(samples, "cautious(adamw)", "adamw") - 1.0,
+    "samples_ms": {k: [1e3 * x for x in v] for k, v in samples.items()},
+  }
+
+
 def bench_compile(cfg: Config) -> dict[str, Any]:
   """Row (f): compile time of a step on a ``compile_leaves``-leaf tree, ours against optax."""
   params = compile_tree(cfg.compile_leaves)
@@ -578,6 +621,11 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
   for name, value in ov["overhead"].items():
     if name not in ("statistics", CONTROL, NO_RESCUE, SELECT_AFTER):
       add(f"{name} overhead", where, value, 0.05, True)
+  mt = results["methods"]
+  where = f"{_size(mt['params'])} f32"
+  add("MARS extra traffic, buffers", where, mt["mars_extra_buffers"], 1.0, True)
+  add("AdaGC overhead over Adam", where, mt["adagc_overhead"], 0.10, True)
+  add("cautious overhead over AdamW", where, mt["cautious_overhead"], 0.10, True)
   c = results["compile"]
   add("compile time / optax", f"{c['leaves']} distinct shapes", c["ours_over_optax"], 1.25, True)
   worst = max(results["eager"]["rows"], key=lambda r: r["ratio"])
@@ -652,6 +700,20 @@ def format_tables(results: dict[str, Any]) -> str:
       if name == SELECT_AFTER:
         note += " (skip_bad_steps without its replay)"
     lines.append(f"| {name} (+trace+scale) | {t:.2f} | {note} |")
+  mt = results["methods"]
+  lines += [
+    "",
+    f"| methods at {_size(mt['params'])} f32 | ms | over the optimizer it feeds or wraps |",
+    "|---|---|---|",
+  ]
+  notes = {
+    "mars + adamw": f"{mt['mars_extra_buffers']:+.2f} buffers' traffic "
+    f"(one: {mt['buffer_ms']:.2f} ms) over adamw",
+    "cautious(adamw)": f"{mt['cautious_overhead']:+.1%} over adamw",
+    "adagc + adam": f"{mt['adagc_overhead']:+.1%} over adam",
+  }
+  for name, t in mt["ms"].items():
+    lines.append(f"| {name} | {t:.2f} | {notes.get(name, '—')} |")
   c = results["compile"]
   lines += [
     "",
@@ -789,6 +851,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     results["step"].append(bench_step(n, dtype, cfg, threads))
   print(f"[bench] overhead, {_size(cfg.overhead_size)} ...", file=sys.stderr, flush=True)
   results["overhead"] = bench_overhead(cfg.overhead_size, cfg)
+  print(
+    f"[bench] MARS, AdaGC, cautious, {_size(cfg.overhead_size)} ...", file=sys.stderr, flush=True
+  )
+  results["methods"] = bench_methods(cfg.overhead_size, cfg)
   print(f"[bench] compile, {cfg.compile_leaves} leaves ...", file=sys.stderr, flush=True)
   results["compile"] = bench_compile(cfg)
   print("[bench] eager updates ...", file=sys.stderr, flush=True)
