@@ -10,7 +10,7 @@ import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _momentum, _norms, _scaling, _validation
 from optax_momclip._clipping import count_if
-from optax_momclip._scaling import range_scale, scale_leaf
+from optax_momclip._scaling import range_scale, scale_leaf, units_moved
 
 
 class MarsState(NamedTuple):
@@ -119,8 +119,7 @@ def mars(
     out = [
       scale_leaf(c, s).astype(g.dtype) for c, s, g in zip(corrected, scales, grads, strict=True)
     ]
-    moved = [s.changes() for s in scales]
-    tensors = jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
+    tensors = units_moved(scales)
     return jax.tree.unflatten(treedef, out), MarsState(
       previous_grad=jax.tree.unflatten(jax.tree.structure(state.previous_grad), grads),
       count=optax.safe_increment(state.count),

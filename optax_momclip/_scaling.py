@@ -174,3 +174,15 @@ def clip_modulus(z: jax.Array, bound: jax.Array) -> jax.Array:
   """Complex ``z`` with every modulus clipped to ``|z| <= bound``, each phase kept."""
   modulus = jnp.abs(z)
   return scale_leaf(z, range_scale(modulus, bound.astype(modulus.dtype)))
+
+
+def units_moved(scales: list[Scale]) -> jax.Array:
+  """How many units (elements of the scales, over all of them) were rescaled. i32[]."""
+  moved = [jnp.sum(s.changes(), dtype=jnp.int32) for s in scales]
+  return jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
+
+
+def smallest_scale(scales: list[Scale], dtype: Any) -> jax.Array:
+  """The smallest factor any unit was multiplied by (1 with no units), in ``dtype``."""
+  lowest = [jnp.min(s.value(), initial=1.0).astype(dtype) for s in scales]
+  return jnp.min(jnp.stack(lowest)) if lowest else jnp.ones([], dtype)

@@ -13,7 +13,7 @@ import optax
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _scaling, _validation
 from optax_momclip._clipping import CLIP_STATS, clip_statistics_init, count_if
 from optax_momclip._hyperparams import ScheduleOrScalar
-from optax_momclip._scaling import Scale, range_scale, scale_leaf
+from optax_momclip._scaling import Scale, range_scale, scale_leaf, smallest_scale, units_moved
 
 
 class AdaptiveGradClipState(NamedTuple):
@@ -144,13 +144,11 @@ def adaptive_grad_clip(
 
     scales = [scale(g, w) for g, w in zip(g_norms, w_norms, strict=True)]
     new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
-    moved = [jnp.sum(s.changes(), dtype=jnp.int32) for s in scales]
-    units = jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
+    units = units_moved(scales)
     like = lambda x: x.astype(state.grad_norm.dtype)
-    lowest = [like(jnp.min(s.value(), initial=1.0)) for s in scales]
     return jax.tree.unflatten(treedef, new), AdaptiveGradClipState(
       grad_norm=like(_norms.norm_of_norms(g_norms)),
-      clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones_like(state.clip_scale),
+      clip_scale=smallest_scale(scales, state.clip_scale.dtype),
       clip_threshold=like(_hyperparams.bound(clipping, None, state.grad_norm.dtype)),
       count=optax.safe_increment(state.count),
       steps_clipped=count_if(state.steps_clipped, units > 0),
@@ -293,15 +291,13 @@ def adagc(
     total = _norms.norm_of_norms(norms).astype(dtype)
     h = _AdaGCRule(lambda_rel, beta, lambda_abs, warmup_steps, eps, dtype, state.count)
     scales, new_gammas = h.scales_and_gammas(norms, total, gammas)
-    moved = [s.changes() for s in scales]
-    tensors = jnp.sum(jnp.stack(moved), dtype=jnp.int32) if moved else jnp.zeros([], jnp.int32)
-    lowest = [s.value().astype(dtype) for s in scales]
+    tensors = units_moved(scales)
     new = [scale_leaf(g, s) for g, s in zip(grads, scales, strict=True)]
     return jax.tree.unflatten(treedef, new), (
       AdaGCState(
         gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), new_gammas),
         grad_norm=total,
-        clip_scale=jnp.min(jnp.stack(lowest)) if lowest else jnp.ones_like(state.clip_scale),
+        clip_scale=smallest_scale(scales, dtype),
         clip_threshold=jnp.where(h.warm, h.lambda_abs, h.lambda_rel),
         count=optax.safe_increment(state.count),
         steps_clipped=count_if(state.steps_clipped, tensors > 0),

@@ -1,4 +1,8 @@
-"""Every public transformation passes the same contract (DESIGN §4, STYLE 'Tests')."""
+"""Every public transformation passes the same contract.
+
+jit, scan, vmap, cond, donation, inject_hyperparams, MultiSteps, dtypes, complex, zero-size and
+Python-number leaves, at most one conditional, eager cost, gradients.
+"""
 
 import inspect
 import statistics

@@ -1,4 +1,4 @@
-"""Scale (DESIGN §4.6, §7): an 8-device 2-D mesh, shard_map, two jax.distributed processes."""
+"""Scale: an 8-device 2-D mesh, shard_map, and two jax.distributed processes on one machine."""
 
 import os
 import re
