@@ -6,6 +6,7 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import optax_momclip as omc
@@ -30,10 +31,16 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
     assert len(r["samples_ms"]["ours"]) == res["config"]["repeats"]
   assert {"clip_by_global_norm", "stats-free clip"} <= set(res["overhead"]["ms"])
   methods = res["methods"]
-  assert set(methods["ms"]) == {"adamw", "mars + adamw", "cautious(adamw)", "adam", "adagc + adam"}
+  ours = {"mars + adamw", "cautious(adamw)", "adagc + adam"}
+  plain = {"mars + adamw", "cautious(adamw)", "per-tensor clip + adam"}
+  plain |= {"per-tensor clip on the total norm + adam"}
+  assert set(methods["ms"]) == {"adamw", "adam"} | ours | {k + _bench.PLAIN for k in plain}
+  assert set(methods["overhead"]) == set(methods["ms"]) - {"adamw", "adam"}
   assert methods["buffer_ms"] > 0
-  for key in ("mars_extra_buffers", "adagc_overhead", "cautious_overhead"):
+  for key in ("mars_extra_buffers", "plain_mars_extra_buffers", "adagc_overhead"):
     assert math.isfinite(methods[key]), key
+  assert math.isfinite(methods["cautious_overhead"])
+  assert "per-tensor clip on the total norm + adam (plain JAX) |" in printed
   assert res["compile"]["leaves"] == 30 and res["compile"]["ours_s"] > 0
   assert {r["transformation"] for r in res["eager"]["rows"]} == set(
     n for n in omc.__all__ if n[0].islower()
@@ -109,6 +116,36 @@ def test_compared_variants_compute_the_same_step():
   p, b = _bench.roofline_kernel()(copy(params), copy(grads), grads)
   np.testing.assert_allclose(np.asarray(b[0]), 1.9 * np.asarray(grads[0]), rtol=1e-6)
   np.testing.assert_array_equal(np.asarray(p[0]), np.asarray(params[0]))
+
+
+def test_plain_references_compute_the_methods():
+  """The plain-JAX method rows do what mars, cautious and a per-tensor clip do, so the bench
+  compares like with like."""
+  n = _bench.LEAVES * 256
+  params = _bench.make_tree(n, jnp.float32, 0)
+  grads = [_bench.make_tree(n, jnp.float32, seed) for seed in (1, 2, 3)]
+  adamw = lambda: optax.adamw(3e-3, b1=0.95, b2=0.99, weight_decay=0.01)
+  pairs = [
+    (optax.chain(omc.mars(), adamw()), optax.chain(_bench.plain_mars(), adamw())),
+    (omc.cautious(adamw()), _bench.plain_cautious(adamw())),
+  ]
+  for ours, plain in pairs:
+    finals = []
+    for tx in (ours, plain):
+      p, s = jax.tree.map(jnp.copy, params), tx.init(params)
+      for g in grads:
+        u, s = tx.update(g, s, p)
+        p = optax.apply_updates(p, u)
+      finals.append(p)
+    for a, b in zip(*finals, strict=True):
+      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+  g64 = [np.asarray(g, np.float64) for g in grads[0]]
+  want = [g / max(np.linalg.norm(g), 1.0) for g in g64]
+  assert min(np.linalg.norm(g) for g in g64) > 10  # every tensor is clipped
+  for on_total in (False, True):
+    got, _ = _bench.plain_clips(on_total).update(grads[0], optax.EmptyState())
+    for a, b in zip(got, want, strict=True):
+      np.testing.assert_allclose(np.asarray(a), b, rtol=1e-6)
 
 
 def test_torch_runner_matches_ours():
