@@ -98,15 +98,19 @@ def _rescued_sqrt(
     threshold, down, up = limit
     return jnp.where(~jnp.isfinite(s), down, jnp.where(s < threshold, up, 1.0)).astype(s.dtype)
 
-  def rescue(sums: list[jax.Array]) -> list[jax.Array]:
-    powers = [power(s, lim) for s, lim in zip(sums, limits, strict=True)]
+  def rescue(operands: tuple[list[jax.Array], list[jax.Array]]) -> list[jax.Array]:
+    sums, powers = operands
     again = recompute(powers)
     return [
       jnp.sqrt(jnp.where(b, a, s)) / p  # dividing by a power of two rounds nothing
       for s, a, b, p in zip(sums, again, bad, powers, strict=True)
     ]
 
-  return lax.cond(needed, rescue, lambda sums: [jnp.sqrt(s) for s in sums], list(sums))
+  # The powers enter the branch as operands: computed inside it, XLA:CPU fuses them into
+  # every leaf's kernel, which then compiles as a generic loop instead of a library reduction.
+  powers = [power(s, lim) for s, lim in zip(sums, limits, strict=True)]
+  plain = lambda operands: [jnp.sqrt(s) for s in operands[0]]
+  return lax.cond(needed, rescue, plain, (list(sums), powers))
 
 
 def _psum(x: jax.Array, axis_name: AxisName) -> jax.Array:
