@@ -585,7 +585,7 @@ def bench_compile(cfg: Config) -> dict[str, Any]:
   grads = jax.tree.map(lambda x: x * 0.5, params)
   makers = {"ours": lambda: ours()[1], "optax": optax_chain}
   small = compile_tree(4)
-  for make in makers.values():  # untimed: what the first compile of a process pays once
+  for make in makers.values():  # untimed, as every other row warms up before it is timed
     compile_seconds(make(), small, small)
   times: dict[str, list[float]] = {k: [] for k in makers}
   rng = np.random.default_rng(0)
