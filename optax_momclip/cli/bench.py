@@ -563,18 +563,17 @@ def bench_methods(n: int, cfg: Config) -> dict[str, Any]:
     pairs = zip(samples[name], samples["adamw"], buffer, strict=True)
     return statistics.median((a - b) / c for a, b, c in pairs)
 
+  overhead = {k: paired_ratio(samples, k, base) - 1.0 for k, (_, base) in variants.items() if base}
   return {
     "params": n,
     "ms": {k: v for k, v in ms.items() if k != "kernel"},
     "buffer_ms": ms["kernel"] * 2 / 3,
     "over": {k: base for k, (_, base) in variants.items() if base},
-    "overhead": {
-      k: paired_ratio(samples, k, base) - 1.0 for k, (_, base) in variants.items() if base
-    },
+    "overhead": overhead,
     "mars_extra_buffers": extra_buffers("mars + adamw"),
     "plain_mars_extra_buffers": extra_buffers("mars + adamw" + PLAIN),
-    "adagc_overhead": paired_ratio(samples, "adagc + adam", "adam") - 1.0,
-    "cautious_overhead": paired_ratio(samples, "cautious(adamw)", "adamw") - 1.0,
+    "adagc_overhead": overhead["adagc + adam"],
+    "cautious_overhead": overhead["cautious(adamw)"],
     "samples_ms": {k: [1e3 * x for x in v] for k, v in samples.items()},
   }
 
