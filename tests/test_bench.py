@@ -169,6 +169,15 @@ def test_torch_runner_matches_ours():
   assert omc.global_norm(grads) > 10 * _bench.MAX_NORM  # the clip is active in the bench
 
 
+def test_torch_runs_where_jax_runs(monkeypatch):
+  """On a GPU PyTorch is timed on the GPU too: CPU torch against GPU JAX compares machines."""
+  torch = pytest.importorskip("torch")
+  for backend, cuda, want in [("gpu", True, "cuda"), ("gpu", False, "cpu"), ("cpu", True, "cpu")]:
+    monkeypatch.setattr(jax, "default_backend", lambda b=backend: b)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda c=cuda: c)
+    assert _bench.torch_device() == want, (backend, cuda)
+
+
 def test_global_norm_hlo_grows_linearly_with_leaves():
   """Compile time of row (f): no kernel of the compiled norm takes every leaf's scalar as input.
 

@@ -299,17 +299,21 @@ def kernel_runner(params: Any, grads: Any) -> JaxRunner:
 
 
 class TorchRunner:
-  """``clip_grad_norm_(foreach=True)`` then ``SGD(momentum, foreach=True).step()``."""
+  """``clip_grad_norm_(foreach=True)`` then ``SGD(momentum, foreach=True).step()``.
 
-  def __init__(self, params: Any, grads: Any, threads: int):
+  On ``device`` (see `torch_device`); on a GPU each call waits for its steps to finish,
+  as `JaxRunner` does, so both are timed to completion.
+  """
+
+  def __init__(self, params: Any, grads: Any, threads: int, device: str = "cpu"):
     import torch  # optional: never a library dependency
 
     torch.set_num_threads(threads)
-    self.torch = torch
+    self.torch, self.device = torch, device
 
     def to_torch(x: jax.Array) -> Any:
       t = torch.from_numpy(np.array(x.astype(jnp.float32)))
-      return t.to(getattr(torch, jnp.dtype(x.dtype).name))
+      return t.to(device=device, dtype=getattr(torch, jnp.dtype(x.dtype).name))
 
     self.params = [torch.nn.Parameter(to_torch(p)) for p in params]
     for p, g in zip(self.params, grads, strict=True):
@@ -320,6 +324,8 @@ class TorchRunner:
     for _ in range(inner):
       self.torch.nn.utils.clip_grad_norm_(self.params, MAX_NORM, foreach=True)
       self.opt.step()
+    if self.device != "cpu":
+      self.torch.cuda.synchronize()
 
   def reallocate(self) -> None:
     """Moves params, grads and momentum buffers to freshly allocated memory."""
@@ -330,6 +336,16 @@ class TorchRunner:
       state = self.opt.state.get(p, {})
       if state.get("momentum_buffer") is not None:
         state["momentum_buffer"] = state["momentum_buffer"].clone()
+
+
+def torch_device() -> str:
+  """Where PyTorch runs beside JAX: ``"cuda"`` when JAX runs on a GPU torch can use, else CPU.
+
+  PyTorch on the CPU against JAX on a GPU would compare two machines, not two optimizers.
+  """
+  import torch
+
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
 
 
 def torch_available() -> bool:
@@ -504,7 +520,7 @@ def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
     "optax": jax_runner(optax_chain(), params, grads),
   }
   if cfg.torch:
-    runners["torch"] = TorchRunner(params, grads, threads)
+    runners["torch"] = TorchRunner(params, grads, threads, torch_device())
   del params
   samples, ms = _measure(runners, cfg)
   itemsize = jnp.dtype(dtype).itemsize
@@ -831,6 +847,8 @@ def machine_info(threads: int) -> dict[str, Any]:
     import torch
 
     torch_version = torch.__version__
+    if torch_device() != "cpu":
+      torch_version += f" on {torch_device()}"
   dev = jax.devices()[0]
   return {
     "cpu": cpu,
