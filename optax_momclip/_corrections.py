@@ -10,7 +10,7 @@ import optax
 
 from optax_momclip import _eager, _hyperparams, _metrics, _momentum, _norms, _scaling, _validation
 from optax_momclip._clipping import count_if
-from optax_momclip._scaling import range_scale, scale_leaf, units_moved
+from optax_momclip._scaling import known_after, range_scale, scale_leaf, units_moved
 
 
 class MarsState(NamedTuple):
@@ -121,7 +121,11 @@ def mars(
     ]
     tensors = units_moved(scales)
     return jax.tree.unflatten(treedef, out), MarsState(
-      previous_grad=jax.tree.unflatten(jax.tree.structure(state.previous_grad), grads),
+      # Written once every norm is known, so over the old gradient in place (see known_after).
+      previous_grad=jax.tree.unflatten(
+        jax.tree.structure(state.previous_grad),
+        [known_after(g, s) for g, s in zip(grads, scales, strict=True)],
+      ),
       count=optax.safe_increment(state.count),
       steps_clipped=count_if(state.steps_clipped, tensors > 0),
       tensors_clipped=tensors,

@@ -180,6 +180,25 @@ def scaler(scale: Scale) -> Callable[[Any], jax.Array]:
   return scale_one
 
 
+def known_after(x: Any, scale: Scale) -> jax.Array:
+  """``x`` itself, produced only once ``scale`` is known.
+
+  ``x`` is multiplied by ``power / power``: exactly 1 (a power of two over
+  itself), but XLA cannot see that, so ``x`` now waits for the scale. A state
+  field that keeps a copy of an input (MARS's previous gradient) is then
+  written over its donated old value after everything that reads the old value
+  (the scale was computed from it). Without the tie XLA copies the old value
+  aside first: a parameter-sized copy, and fresh memory, every step. Subnormal
+  elements become zero where the backend flushes them in arithmetic (XLA:CPU
+  does), as they would in any use of the value.
+  """
+  x = jnp.asarray(x)
+  if not jnp.issubdtype(x.dtype, jnp.inexact):
+    return x
+  one = scale.power / scale.power
+  return _scale_with(x, lambda v: v * one.astype(v.dtype), real_dtype(x.dtype))
+
+
 def scale_tree(tree: Any, scale: Scale) -> Any:
   """Every leaf of ``tree`` times the scalar ``scale``, each in its own dtype."""
   return jax.tree.map(scaler(scale), tree)

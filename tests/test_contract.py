@@ -331,6 +331,28 @@ def test_at_most_one_conditional_per_step(case: Case):
 
 
 # The transformations that multiply every leaf by one factor, each leaf's own work aside.
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_a_donated_step_copies_no_parameter_sized_array(case: Case):
+  """With params and state donated, every parameter-sized state field is updated in place.
+
+  MARS keeps the last gradient: written over its old value before the correction had read
+  that value, it made XLA copy the old one aside first, a parameter-sized copy (and fresh
+  memory) every step.
+  """
+  params = {"a": jnp.ones((64, 32)), "b": jnp.full((32, 64), 2.0)}
+  tx = case.make()
+
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(params, tx.init(params), params).compile()
+  entry = compiled.as_text().split("ENTRY", 1)[1]
+  sized = ("[64,32]", "[32,64]")
+  copies = [ln for ln in entry.splitlines() if " copy(" in ln and any(s in ln for s in sized)]
+  assert not copies, copies
+
+
 _ONE_FACTOR = {
   "clip_by_global_norm",
   "autoclip",
