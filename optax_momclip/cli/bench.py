@@ -850,7 +850,7 @@ def machine_info(threads: int) -> dict[str, Any]:
   if torch_available():
     import torch
 
-    torch_version = torch.__version__
+    torch_version = str(torch.__version__)
     if torch_device() != "cpu":
       torch_version += f" on {torch_device()}"
   dev = jax.devices()[0]
