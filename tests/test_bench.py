@@ -2,6 +2,7 @@
 
 import json
 import math
+import statistics
 
 import jax
 import jax.numpy as jnp
@@ -29,9 +30,11 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
       assert math.isfinite(r[key]) and r[key] > 0, key
     assert (r["torch_ms"] is not None) == has_torch
     assert len(r["samples_ms"]["ours"]) == res["config"]["repeats"]
-    # The chain timed twice: the row's noise floor, around 1 whatever the machine.
-    assert len(r["samples_ms"]["optax again"]) == res["config"]["repeats"]
-    assert 0.5 < r["control_over_optax"] < 2.0
+    # The chain timed twice, round by round beside the first: the row's noise floor.
+    again, first = r["samples_ms"]["optax again"], r["samples_ms"]["optax"]
+    assert len(again) == res["config"]["repeats"]
+    per_round = statistics.median(a / b for a, b in zip(again, first, strict=True))
+    assert r["control_over_optax"] == pytest.approx(per_round, rel=1e-9)
   assert {"clip_by_global_norm", "stats-free clip"} <= set(res["overhead"]["ms"])
   methods = res["methods"]
   ours = {"mars + adamw", "cautious(adamw)", "adagc + adam"}
