@@ -134,17 +134,25 @@ def multiplier(scale: Scale, dtype: Any) -> Callable[[jax.Array], jax.Array]:
   return lambda x: x * power * factor
 
 
+def _exactly_one(power: jax.Array) -> jax.Array:
+  """``power / power``: exactly 1 (``power`` is a power of two, finite and nonzero).
+
+  XLA cannot see that it is constant, so whatever is multiplied or divided by it
+  waits for ``power`` and is computed where it stands. An optimization barrier
+  would not do: XLA:CPU removes it before fusing.
+  """
+  return power / power
+
+
 def _computed_once(power: jax.Array, factor: jax.Array) -> tuple[jax.Array, jax.Array]:
   """``(power, factor)`` unchanged, computed once rather than in every kernel that uses them.
 
   XLA copies cheap scalar work into each consumer's kernel: choosing an exact
   factor is twenty-odd scalar ops, and on a tree of 300 leaves those copies
   made XLA:CPU compile a ``momclip_sgd`` step about a fifth longer. XLA does
-  not copy a division, so both end in one: by ``power / power``, exactly 1
-  (``power`` is a power of two, finite and nonzero), so no value changes. An
-  optimization barrier would not do: XLA:CPU removes it before fusing.
+  not copy a division, so both end in one, by `_exactly_one`: no value changes.
   """
-  one = power / power
+  one = _exactly_one(power)
   return power / one, factor / one
 
 
@@ -183,19 +191,18 @@ def scaler(scale: Scale) -> Callable[[Any], jax.Array]:
 def known_after(x: Any, scale: Scale) -> jax.Array:
   """``x`` itself, produced only once ``scale`` is known.
 
-  ``x`` is multiplied by ``power / power``: exactly 1 (a power of two over
-  itself), but XLA cannot see that, so ``x`` now waits for the scale. A state
-  field that keeps a copy of an input (MARS's previous gradient) is then
-  written over its donated old value after everything that reads the old value
-  (the scale was computed from it). Without the tie XLA copies the old value
-  aside first: a parameter-sized copy, and fresh memory, every step. Subnormal
-  elements become zero where the backend flushes them in arithmetic (XLA:CPU
-  does), as they would in any use of the value.
+  ``x`` is multiplied by `_exactly_one` of the scale's power, so it waits for
+  the scale. A state field that keeps a copy of an input (MARS's previous
+  gradient) is then written over its donated old value after everything that
+  reads the old value (the scale was computed from it). Without the tie XLA
+  copies the old value aside first: a parameter-sized copy, and fresh memory,
+  every step. Subnormal elements become zero where the backend flushes them in
+  arithmetic (XLA:CPU does), as they would in any use of the value.
   """
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
-  one = scale.power / scale.power
+  one = _exactly_one(scale.power)
   return _scale_with(x, lambda v: v * one.astype(v.dtype), real_dtype(x.dtype))
 
 

@@ -330,7 +330,6 @@ def test_at_most_one_conditional_per_step(case: Case):
   assert hlo.count(" conditional(") <= 1
 
 
-# The transformations that multiply every leaf by one factor, each leaf's own work aside.
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_a_donated_step_copies_no_parameter_sized_array(case: Case):
   """With params and state donated, every parameter-sized state field is updated in place.
@@ -353,6 +352,7 @@ def test_a_donated_step_copies_no_parameter_sized_array(case: Case):
   assert not copies, copies
 
 
+# The transformations that multiply every leaf by one factor, each leaf's own work aside.
 _ONE_FACTOR = {
   "clip_by_global_norm",
   "autoclip",

@@ -850,9 +850,9 @@ def machine_info(threads: int) -> dict[str, Any]:
   if torch_available():
     import torch
 
-    torch_version = str(torch.__version__)
-    if torch_device() != "cpu":
-      torch_version += f" on {torch_device()}"
+    torch_version, device = str(torch.__version__), torch_device()
+    if device != "cpu":
+      torch_version += f" on {device}"
   dev = jax.devices()[0]
   return {
     "cpu": cpu,
