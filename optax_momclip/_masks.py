@@ -47,9 +47,12 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
   product to be a normal number are judged correctly (PyTorch's product
   underflows to 0 and masks them). A complex component is masked by its real
   and imaginary parts separately, as PyTorch's ``view_as_real`` treats it.
-  Everything ``inner`` returns is masked, a decoupled weight decay inside it
-  included; the reference decays the params unmasked. For that, decay
-  outside: ``optax.chain(cautious(optax.adam(lr)), optax.add_decayed_weights(-lr * wd))``
+  A masked component is multiplied by 0, as the reference does: it keeps its
+  sign (``-0.``), and a NaN or infinite one in ``u`` comes out NaN, so a broken
+  update is never hidden as a zero. Everything ``inner`` returns is masked, a
+  decoupled weight decay inside it included; the reference decays the params
+  unmasked. For that, decay outside:
+  ``optax.chain(cautious(optax.adam(lr)), optax.add_decayed_weights(-lr * wd))``
   (a constant ``lr``), which is ``pytorch_optimizer``'s ``cautious=True``.
 
   Args:
@@ -70,7 +73,7 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     [-0.75 -0.75 -0.75] 0.0
     >>> u, state = tx.update({"w": jnp.array([1.0, -0.5, 1.0])}, state)
     >>> print(u["w"], state.masked_fraction)  # the momentum, 0.4, climbs the middle gradient
-    [-1.9  0.  -1.9] 0.33333334
+    [-1.9 -0.  -1.9] 0.33333334
 
   References:
     Liang, Chen, Liu, Liu, *Cautious Optimizers: Improving Training with One
@@ -119,13 +122,13 @@ def _masked(u: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array, int]:
     kept = jnp.sum(parts[0], dtype=jnp.int32) + jnp.sum(parts[1], dtype=jnp.int32)
     n = 2 * u.size
     scale = _rescale(n, kept, u.dtype)
-    real = jnp.where(parts[0], jnp.real(u) * scale, 0)
-    imag = jnp.where(parts[1], jnp.imag(u) * scale, 0)
+    real = jnp.real(u) * jnp.where(parts[0], scale, 0)
+    imag = jnp.imag(u) * jnp.where(parts[1], scale, 0)
     return jax.lax.complex(real, imag).astype(u.dtype), kept, n
   keep = _descends(u, g)
   kept = jnp.sum(keep, dtype=jnp.int32)
   scale = _rescale(u.size, kept, u.dtype)
-  return jnp.where(keep, (u * scale).astype(u.dtype), jnp.zeros_like(u)), kept, u.size
+  return (u * jnp.where(keep, scale, 0)).astype(u.dtype), kept, u.size
 
 
 def _descends(u: jax.Array, g: jax.Array) -> jax.Array:

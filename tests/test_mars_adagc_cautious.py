@@ -242,6 +242,34 @@ def test_cautious_judges_tiny_components_by_sign_and_complex_ones_by_part():
   assert float(s.masked_fraction) == pytest.approx(0.5)
 
 
+def test_cautious_leaves_a_broken_update_visible_as_the_reference_does():
+  # The reference multiplies by its 0/1 mask, so a masked NaN or infinity comes out NaN.
+  fixed = {
+    "w": jnp.float32([np.nan, np.inf, np.inf, -np.inf, 1.0, 2.0, -3.0, 4.0]),
+    "z": jnp.complex64([np.nan + 1j, -1 + np.inf * 1j]),
+  }
+  tx = omc.cautious(optax.stateless(lambda g, p: fixed))
+  g = {
+    "w": jnp.float32([1.0, 1.0, -1.0, 1.0, 0.5, np.nan, 2.0, -1.0]),
+    "z": jnp.complex64([1 + 1j, 1 - 1j]),
+  }
+  u, state = jax.jit(tx.update)(g, tx.init(g))
+  masked = 0
+  for k in fixed:  # pytorch-optimizer's apply_cautious in float64, on real views as torch's
+    real = lambda x: np.stack([x.real, x.imag], -1) if np.iscomplexobj(x) else x
+    x, grad = (
+      real(np.asarray(fixed[k], np.complex128 if k == "z" else np.float64)),
+      real(np.asarray(g[k], np.complex128 if k == "z" else np.float64)),
+    )
+    with np.errstate(invalid="ignore"):
+      mask = (-x * grad > 0).astype(np.float64)
+      want = x * (mask * (mask.size / (mask.sum() + 1)))
+    masked += mask.size - mask.sum()
+    np.testing.assert_array_equal(real(np.asarray(u[k])), want.astype(np.float32))
+  assert np.isnan(u["w"][:2]).all() and u["w"][5] == 0  # a NaN gradient only masks
+  assert float(state.masked_fraction) == pytest.approx(masked / 12)
+
+
 def test_cautious_passes_extra_arguments_to_inner():
   inner = omc.skip_bad_steps(optax.sgd(0.1), spike_on="loss", z_threshold=3.0)
   tx = omc.cautious(inner)
