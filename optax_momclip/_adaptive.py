@@ -12,7 +12,7 @@ import optax
 from optax_momclip import _eager, _hyperparams, _metrics, _norms, _validation
 from optax_momclip._clipping import CLIP_STATS, clip_statistics, clip_statistics_init
 from optax_momclip._scaling import range_scale, scale_tree
-from optax_momclip._statistics import Z_EPS, norm_statistics, zscore
+from optax_momclip._statistics import Z_EPS, norm_statistics, squarable, zscore
 
 
 class AutoClipState(NamedTuple):
@@ -69,9 +69,18 @@ def autoclip(
   The history ``h`` holds the last ``window`` global norms in a fixed-size
   ring buffer, the current one included, so the threshold is computed on
   device without a host sync; ``P_p`` is the percentile with linear
-  interpolation (``np.percentile``'s default). ``percentile=100`` never clips.
-  A non-finite norm is not recorded (it would poison the window) and its
-  update passes unscaled, so a guard such as `skip_bad_steps` still sees it.
+  interpolation (``np.percentile``'s default). ``percentile=100`` never clips
+  a norm it records.
+  A norm over a NaN or infinite element is not recorded (it would poison the
+  window) and its update passes unscaled, so a guard such as `skip_bad_steps`
+  still sees it.
+  A zero norm (a step whose gradient is all zeros) is not recorded either:
+  it says nothing about the gradient's scale, and a few of them would pull the
+  threshold to 0, so that every later update came out zero until enough
+  nonzero norms had pushed them out of the window. The paper's code records it.
+  A norm beyond float32's largest value (finite elements) is not recorded and
+  is clipped, exactly, to the percentile of the others (passed on unscaled
+  while there are none).
 
   This is the paper's rule (whole-model norm, current norm included, p=10);
   the ``autoclip`` pip package differs (per-parameter, quantile 0.9, current
@@ -126,17 +135,23 @@ def autoclip(
   ) -> tuple[Any, AutoClipState]:
     del params, extra_args
     dtype = state.norm_history.dtype
-    norm = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0].astype(dtype)
-    finite = jnp.isfinite(norm)
+    exact = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0].astype(dtype)
+    norm = exact.value()
+    recorded = jnp.isfinite(norm) & (norm > 0)
     history = jnp.where(
-      finite, state.norm_history.at[state.history_index].set(norm), state.norm_history
+      recorded, state.norm_history.at[state.history_index].set(norm), state.norm_history
     )
     n = size_of_window
-    size = jnp.where(finite, jnp.minimum(state.history_size + 1, n), state.history_size)
-    index = jnp.where(finite, (state.history_index + 1) % n, state.history_index)
-    threshold = _percentile(history, size, _hyperparams.evaluate(percentile, None, dtype))
+    size = jnp.where(recorded, jnp.minimum(state.history_size + 1, n), state.history_size)
+    index = jnp.where(recorded, (state.history_index + 1) % n, state.history_index)
+    p = _hyperparams.evaluate(percentile, None, dtype)
+    if _validation.concrete_float(percentile) is None:
+      # A traced percentile outside [0, 100] (or NaN) reads as the nearest end (NaN: 0).
+      p = jnp.minimum(_hyperparams.bound(percentile, None, dtype), 100)
+    threshold = _percentile(history, size, p)
+    # No history, no bound: not even for a norm beyond float32's range (inf > the largest value).
+    scale = range_scale(exact, jnp.where(size > 0, threshold, jnp.inf))
     threshold = jnp.where(size > 0, threshold, jnp.finfo(dtype).max)
-    scale = range_scale(norm, threshold)
     return scale_tree(updates, scale), AutoClipState(
       **clip_statistics(state, norm, scale, threshold),
       norm_history=history,
@@ -210,14 +225,17 @@ def zclip(
   in force unless you ask for both.
 
   Departures from the reference code: the update is scaled to exactly the
-  threshold (the reference divides by ``norm + 1e-6``); a non-finite norm
-  does not touch the statistics and its update passes unscaled (in the
-  reference a NaN made μ NaN for good and an infinite norm gave NaN
-  gradients); and a spike is only measured against a spread ``σ > 1e-3·μ``:
-  with the reference's ``σ + 1e-6`` alone a zero variance (identical norms,
-  a one-step warm-up) made every larger norm a huge spike, clipped to μ and
-  fed back as μ, so the statistics never moved again, and so did a lasting
-  change of scale once the clipping had shrunk σ away. Below that spread no
+  threshold (the reference divides by ``norm + 1e-6``); a norm over a NaN or
+  infinite element does not touch the statistics and its update passes
+  unscaled (in the reference a NaN made μ NaN for good and an infinite norm
+  gave NaN gradients), and a norm beyond float32's range with finite
+  elements is, after warm-up, a spike, clipped exactly; neither it nor any
+  norm whose square float32 cannot hold (above 1.8e19) enters the statistics; and a spike is
+  only measured against a spread ``σ > 1e-3·μ``: with the reference's
+  ``σ + 1e-6`` alone a zero variance (identical norms, a one-step warm-up)
+  made every larger norm a huge spike, clipped to μ and fed back as μ, so
+  the statistics never moved again, and so did a lasting change of scale
+  once the clipping had shrunk σ away. Below that spread no
   step is a spike and its norm enters the statistics, which then follow it.
 
   Args:
@@ -276,11 +294,13 @@ def zclip(
   ) -> tuple[Any, ZClipState]:
     del params, extra_args
     dtype = state.norm_mean.dtype
-    norm = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
-    spike, clipped_norm, level = rule.decide(norm, state)
-    limit = jnp.minimum(jnp.where(spike, clipped_norm, jnp.finfo(dtype).max), cap(dtype))
-    scale = range_scale(norm, limit)
-    fed = jnp.isfinite(norm) & (~spike if not record_spikes else True)
+    exact = _norms.global_norms([updates], axis_name=axis_name)[0].astype(dtype)
+    norm = exact.value()
+    spike, clipped_norm, level = rule.decide(norm, exact.elements_finite(), state)
+    # No spike, no max_norm: no bound, not even for a norm beyond float32's range.
+    limit = jnp.where(spike, clipped_norm, jnp.inf)
+    scale = range_scale(exact, limit if max_norm is None else jnp.minimum(limit, cap(dtype)))
+    fed = jnp.isfinite(norm) & (~spike if not record_spikes else True) & squarable(norm)
     mean, var, count = norm_statistics(
       jnp.where(spike, clipped_norm, norm),
       fed,
@@ -329,24 +349,39 @@ class _ZClipRule:
     _validation.check_choice(fn, "mode", rule.mode, _MODES)
     _validation.check_choice(fn, "clip_option", rule.clip_option, _CLIP_OPTIONS)
     _validation.check_scalar(fn, "clip_factor", rule.clip_factor, low=0.0, low_open=True)
+    if rule.mode == "percentile":  # clips to μ + zσ: the z-score mode's options do nothing
+      factor = _validation.concrete_float(rule.clip_factor)
+      for name, value, unused in (
+        ("clip_option", rule.clip_option, rule.clip_option != "adaptive_scaling"),
+        ("clip_factor", rule.clip_factor, factor is not None and factor != 1.0),
+      ):
+        if unused:
+          raise ValueError(
+            f"{fn}: {name}={value!r} applies to mode='zscore', got mode='percentile'"
+          )
     return rule
 
-  def decide(self, norm: jax.Array, state: ZClipState) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """``(spike, the norm a spike is clipped to, the level reported as clip_threshold)``."""
+  def decide(
+    self, norm: jax.Array, finite: jax.Array, state: ZClipState
+  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(spike, the norm a spike is clipped to, the level reported as clip_threshold)``.
+
+    ``finite``: every element is (``norm`` may still be inf: beyond float32's range).
+    """
     no_limit = jnp.finfo(norm.dtype).max
-    z_thr = _hyperparams.evaluate(self.z_threshold, None, norm.dtype)
+    z_thr = _hyperparams.bound(self.z_threshold, None, norm.dtype)
     warm = state.stats_count < self.warmup_steps
     z, std, informative = zscore(norm, state.norm_mean, state.norm_var)
     mean = state.norm_mean
     if self.mode == "percentile":
       threshold = mean + z_thr * std
-      spike = jnp.isfinite(norm) & ~warm & informative & (norm > threshold)
+      spike = finite & ~warm & informative & (norm > threshold)
       return spike, threshold, jnp.where(warm | ~informative, no_limit, threshold)
-    spike = jnp.isfinite(norm) & ~warm & (z > z_thr)
+    spike = finite & ~warm & (z > z_thr)
     if self.clip_option == "mean":
       clipped_norm = mean
     else:
-      factor = _hyperparams.evaluate(self.clip_factor, None, norm.dtype)
+      factor = _hyperparams.bound(self.clip_factor, None, norm.dtype)
       clipped_norm = (mean + z_thr * z_thr * std / jnp.where(spike, z, 1.0)) * factor
     trigger = jnp.where(informative, mean + z_thr * (std + Z_EPS), no_limit)
     return spike, clipped_norm, jnp.where(warm, no_limit, jnp.where(spike, clipped_norm, trigger))

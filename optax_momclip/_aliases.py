@@ -83,8 +83,10 @@ def momclip_sgd(
   once for the norm (skipped when ``max_norm`` is None) and once in a single
   fused elementwise pass that clips, decays, updates the buffer and scales.
   Unlike `clip_by_global_norm` it keeps PyTorch's ``+1e-6``, so a norm just
-  above ``c`` is scaled slightly below it, and a non-finite norm scales as
-  PyTorch's does (``c/inf = 0``, NaN stays NaN).
+  above ``c`` is scaled slightly below it, and a norm over a NaN or infinite
+  element scales as PyTorch's does (``c/inf = 0``, NaN stays NaN); a norm
+  beyond float32's range with finite elements is divided by exactly (PyTorch's
+  overflows to inf and zeroes the step).
 
   Args:
     learning_rate: ``η >= 0``, or a schedule ``step -> η`` evaluated at ``count``.
@@ -260,18 +262,19 @@ def _norm_clip(
     dtype = _norms.statistics_dtype(updates)
     return jnp.zeros([], dtype), _scaling.unit(jnp.zeros([], dtype)), threshold
   norm = _norms.global_norms([updates])[0]
-  threshold = bound(max_norm, None, norm.dtype)
-  return norm, _torch_clip_coefficient(threshold, norm), threshold
+  threshold = bound(max_norm, None, norm.root.dtype)
+  return norm.value(), _torch_clip_coefficient(threshold, norm), threshold
 
 
-def _torch_clip_coefficient(max_norm: jax.Array, norm: jax.Array) -> _scaling.Scale:
+def _torch_clip_coefficient(max_norm: jax.Array, norm: _scaling.Norm) -> _scaling.Scale:
   """``min(1, max_norm / (norm + 1e-6))``, as ``clip_grad_norm_`` computes it, exact at any norm.
 
-  A non-finite norm gives PyTorch's ``max_norm / inf = 0``, or NaN.
+  A norm beyond float32's range with every element finite is divided by exactly; a NaN or
+  infinite element gives PyTorch's ``max_norm / inf = 0``, or NaN.
   """
-  coefficient = _scaling.ratio(max_norm, norm + _TORCH_NORM_EPS)
+  coefficient = _scaling.ratio(max_norm, norm.plus(_TORCH_NORM_EPS))
   above = (coefficient.power == 1) & (coefficient.factor >= 1)
-  return _scaling.where(above, _scaling.unit(norm), coefficient)
+  return _scaling.where(above, _scaling.unit(norm.root), coefficient)
 
 
 _metrics.register_statistics(

@@ -129,8 +129,12 @@ def clip_by_value(
     )
 
   def bounds(dtype: Any) -> tuple[jax.Array, jax.Array]:
-    hi = _hyperparams.evaluate(max_value, None, dtype)
-    return hi, -hi if min_value is None else _hyperparams.evaluate(min_value, None, dtype)
+    # Traced bounds making no interval (negative, crossed, NaN) read 0: zeroed, never flipped.
+    if min_value is None:
+      return (hi := _hyperparams.bound(max_value, None, dtype)), -hi
+    hi, lo = (_hyperparams.evaluate(v, None, dtype) for v in (max_value, min_value))
+    empty = ~(lo <= hi)
+    return jnp.where(empty, 0, hi), jnp.where(empty, 0, lo)
 
   def update_fn(
     updates: Any, state: ClipByValueState, params: Any = None, **extra_args: Any
@@ -267,7 +271,7 @@ def clip_by_norm(
     leaves = [jnp.asarray(g) for g in leaves]
     axes = [_norms.resolve_axes(g.ndim, axis, fn) for g in leaves]
     norms = [
-      jnp.reshape(n, kept_shape(g.shape)).astype(s.dtype)
+      jax.tree.map(lambda x, g=g, s=s: jnp.reshape(x, kept_shape(g.shape)).astype(s.dtype), n)
       for n, g, s in zip(
         _norms.unit_norms(leaves, axes, ord=order),
         leaves,
@@ -275,11 +279,11 @@ def clip_by_norm(
         strict=True,
       )
     ]
-    scales = [range_scale(n, *bounds(n.dtype)) for n in norms]
+    scales = [range_scale(n, *bounds(n.root.dtype)) for n in norms]
     as_tree = lambda xs: jax.tree.unflatten(treedef, xs)
     new = [scale_leaf(g, s) for g, s in zip(leaves, scales, strict=True)]
     return as_tree(new), ClipByNormState(
-      grad_norm=as_tree(norms),
+      grad_norm=as_tree([n.value() for n in norms]),
       clip_scale=as_tree([s.value() for s in scales]),
       clip_threshold=bounds(state.clip_threshold.dtype)[0],
       count=optax.safe_increment(state.count),
@@ -346,7 +350,9 @@ def clip_by_global_norm(
   Differs from ``optax.clip_by_global_norm`` in that the norm is exact for
   bf16/f16 gradients (optax sums in the leaf dtype and overflows),
   ``max_norm=0`` with zero gradients gives zeros (optax: NaN), and a
-  non-finite norm is handled by ``nonfinite`` (optax scales by ``c/inf``). From
+  norm over a NaN or infinite element is handled by ``nonfinite`` (optax scales
+  by ``c/inf``), while an L2 norm beyond float32's range with finite elements
+  is divided by exactly (optax's overflows and zeroes the update). From
   ``torch.nn.utils.clip_grad_norm_`` in that no ``1e-6`` is added to the
   norm, so a norm just above ``c`` is clipped to exactly ``c``.
 
@@ -395,13 +401,15 @@ def clip_by_global_norm(
     updates: Any, state: ClipByGlobalNormState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, ClipByGlobalNormState]:
     del params, extra_args
-    norm = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0]
+    exact = _norms.global_norms([updates], ord=order, axis_name=axis_name)[0]
+    norm = exact.value()
     hi = _hyperparams.bound(max_norm, state.count, norm.dtype)
     lo = _hyperparams.bound(min_norm, state.count, norm.dtype)
-    scale = range_scale(norm, hi, lo, nonfinite=1.0 if nonfinite == "propagate" else 0.0)
+    scale = range_scale(exact, hi, lo, nonfinite=1.0 if nonfinite == "propagate" else 0.0)
     new = scale_tree(updates, scale)
     if nonfinite == "zero":  # 0·NaN is NaN: zero explicitly
-      new = jax.tree.map(lambda g: jnp.where(jnp.isfinite(norm), g, jnp.zeros_like(g)), new)
+      finite = exact.elements_finite()
+      new = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), new)
     return new, ClipByGlobalNormState(**clip_statistics(state, norm, scale, hi))
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))

@@ -56,8 +56,8 @@ def clipped_momentum(
   (default) is the paper's clipped momentum, ``ν = 0`` is
   `clip_by_global_norm` of the gradient, and the paper's mixed clipping uses
   ``β = 0.999, ν = 0.7``. Both norms are global (over the whole tree),
-  accumulated in float32 and kept in the state; a non-finite norm leaves its
-  term unscaled so the problem stays visible.
+  accumulated in float32 and kept in the state; a norm over a NaN or infinite
+  element leaves its term unscaled so the problem stays visible.
 
   Args:
     max_norm: the threshold ``c``, in ``[0, inf]``.
@@ -113,10 +113,11 @@ def clipped_momentum(
     c = bound(max_norm, None, dtype)
     v, one_minus_v = evaluate(nu, state.count, dtype), complement(nu, state.count, dtype)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
-    m_norm, g_norm = (
+    m_exact, g_exact = (
       n.astype(dtype) for n in _norms.global_norms([new, updates], ord=order, axis_name=axis_name)
     )
-    m_scale, g_scale = range_scale(m_norm, c), range_scale(g_norm, c)
+    m_scale, g_scale = range_scale(m_exact, c), range_scale(g_exact, c)
+    m_norm, g_norm = m_exact.value(), g_exact.value()
     clipped = ((v > 0) & m_scale.changes()) | ((v < 1) & g_scale.changes())
     return _mix(updates, new, m_scale.times(v), g_scale.times(one_minus_v)), ClippedMomentumState(
       count=optax.safe_increment(state.count),
@@ -216,9 +217,9 @@ def normalized_momentum(
     _validation.check_tree_matches(fn, updates, state.momentum_buffer)
     new = ema_tree(updates, state.momentum_buffer, momentum, state.count)
     dtype = state.momentum_norm.dtype
-    norm = _norms.global_norms([new], axis_name=axis_name)[0].astype(dtype)
-    floor = jnp.maximum(norm, evaluate(eps, None, dtype))
-    inv = _scaling.ratio(1.0, floor)
+    exact = _norms.global_norms([new], axis_name=axis_name)[0].astype(dtype)
+    norm = exact.value()
+    inv = _scaling.ratio(1.0, exact.at_least(evaluate(eps, None, dtype)))
     scale = _scaling.scaler(inv)
     out = jax.tree.map(lambda g, m: scale(m).astype(jnp.asarray(g).dtype), updates, new)
     return out, NormalizedMomentumState(

@@ -47,7 +47,9 @@ def mars(
   `heavy_ball`, `momclip_sgd` or ``optax.lion``. One buffer of state: the
   previous gradient, in the gradients' dtype; the correction is computed in
   float32 (float64 for float64 updates). Norms are exact at any magnitude
-  (see `global_norm`); a tensor with a non-finite norm passes unscaled.
+  (see `global_norm`), beyond float32's range too when every element of the
+  correction is finite; a tensor with a NaN or infinite element in it (a
+  gradient near float32's largest value can make one) passes unscaled.
 
   ``pytorch_optimizer.MARS(mars_type="adamw", optimize_1d=True)`` is this
   chained with ``optax.adamw`` (to float32 rounding). Its default
@@ -56,7 +58,9 @@ def mars(
   ``optax.multi_transform`` (example below). Its ``eps`` enters the
   denominator as ``(sqrt(v) + eps)/sqrt(1 - β₂ᵗ)`` where optax adds ``eps``
   after the bias correction: with gradients above ~1e-6 the difference is
-  below float32 rounding.
+  below float32 rounding. For real parameters: on a complex one the reference's
+  Adam treats the real and imaginary parts as two parameters, where
+  ``optax.adam``'s second moment is ``|g|²``.
 
   Args:
     gamma: γ >= 0, the strength of the correction; 0 keeps only the
@@ -115,7 +119,7 @@ def mars(
     weights = [_weight(gamma, beta1, _scaling.scale_dtype(g.dtype)) for g in grads]
     corrected = _corrections(grads, previous, weights)
     norms = _norms.global_norms([[c] for c in corrected])
-    scales = [range_scale(n, jnp.ones([], n.dtype)) for n in norms]
+    scales = [range_scale(n, jnp.ones([], n.root.dtype)) for n in norms]
     out = [
       scale_leaf(c, s).astype(g.dtype) for c, s, g in zip(corrected, scales, grads, strict=True)
     ]

@@ -11,7 +11,7 @@ import optax
 from optax_momclip import _eager, _metrics, _norms, _validation
 from optax_momclip._clipping import count_if
 from optax_momclip._replay import update_keeping_state
-from optax_momclip._skip_rules import SpikeRule
+from optax_momclip._skip_rules import EMA_ALPHA, SpikeRule
 
 
 class SkipBadStepsState(NamedTuple):
@@ -69,7 +69,7 @@ def skip_bad_steps(
   max_norm: float | jax.Array | None = None,
   z_threshold: float | jax.Array | None = None,
   spike_on: str = "grad_norm",
-  alpha: float | jax.Array = 0.99,
+  alpha: float | jax.Array = EMA_ALPHA,
   warmup_steps: int | jax.Array = 100,
   window: int | None = None,
   min_history: int | None = None,
@@ -105,7 +105,8 @@ def skip_bad_steps(
   against it would skip every larger value forever. After
   ``max_consecutive_spikes`` finite spikes in a row the statistics restart,
   so a lasting change of scale is accepted rather than skipped forever; a
-  non-finite step is always skipped.
+  non-finite step is always skipped. Only the z-score rule's spikes count
+  there: a step skipped for ``max_norm`` alone neither counts nor breaks the run.
 
   ``inner.update`` runs on every step: on a skipped step every leaf of its
   state keeps its old bits and the update is ``-0.0`` everywhere, which
@@ -210,7 +211,7 @@ def skip_bad_steps(
   def update_fn(
     updates: Any, state: SkipBadStepsState, params: Any = None, **extra_args: Any
   ) -> tuple[Any, SkipBadStepsState]:
-    norm = _norms.global_norms([updates], axis_name=axis_name)[0]
+    norm = _norms.global_norms([updates], axis_name=axis_name)[0].value()
     return _step(fn, rule, inner, skip_nonfinite, norm, updates, state, params, extra_args)
 
   return optax.GradientTransformationExtraArgs(
@@ -233,7 +234,7 @@ def _step(
   norm = norm.astype(state.grad_norm.dtype)
   loss = rule.loss_of(fn, extra_args, norm.dtype)
   finite = jnp.isfinite(norm) & (jnp.isfinite(loss) if "value" in extra_args else True)
-  spike, judged = rule.judge(norm, loss, state)
+  spike, z_spike, judged = rule.judge(norm, loss, state)
   bad = finite & spike
   skip = bad | ~finite if skip_nonfinite else bad
   new_updates, new_inner = update_keeping_state(
@@ -247,7 +248,7 @@ def _step(
     steps_skipped=count_if(state.steps_skipped, skip),
     consecutive_skips=jnp.where(skip, optax.safe_increment(state.consecutive_skips), 0),
     last_step_skipped=skip,
-    **rule.statistics(norm, loss, finite & ~skip, bad, state, judged),
+    **rule.statistics(norm, loss, finite & ~skip, finite & z_spike, state, judged),
   )
 
 

@@ -41,7 +41,7 @@ def register_statistics(
   are searched for registered states in turn.
 
   Args:
-    state_type: the state's class, usually a ``NamedTuple``.
+    state_type: the state's class, usually a ``NamedTuple`` or a dataclass.
     name: the key prefix, usually the factory's name.
     fields: the attributes that are statistics.
     fractions: derived keys, ``{key: (numerator, denominator)}`` of counter
@@ -54,6 +54,10 @@ def register_statistics(
 
   Returns:
     None; registering the same type again replaces its entry.
+
+  Raises:
+    ValueError: a field (or summary) the state type does not have, for a
+      ``NamedTuple`` or dataclass state (``flax.struct.dataclass`` included).
 
   Examples:
     >>> from typing import NamedTuple
@@ -70,9 +74,45 @@ def register_statistics(
     >>> print(omc.metrics(state))
     {'trace_norm/trace_norm': Array(5., dtype=float32)}
   """
+  known = _field_names_of_type(state_type)
+  if known is not None:
+    for field in (*fields, *summaries):
+      if field not in known:
+        raise ValueError(
+          f"register_statistics: {state_type.__name__} has no field {field!r}; its fields are "
+          f"{known}"
+        )
   if fractions is None:
     fractions = {k: v for k, v in _FRACTIONS.items() if set(v) <= set(fields)}
   _REGISTRY[state_type] = _Stats(name, tuple(fields), dict(fractions), tuple(summaries))
+
+
+def _field_names_of_type(state_type: type) -> tuple[str, ...] | None:
+  """The fields of a NamedTuple or dataclass type; None for another kind of class."""
+  if dataclasses.is_dataclass(state_type):
+    return tuple(f.name for f in dataclasses.fields(state_type))
+  names = getattr(state_type, "_fields", None)
+  return tuple(names) if isinstance(names, tuple) else None
+
+
+def _fields(node: Any) -> tuple[str, ...]:
+  return _field_names_of_type(type(node)) or ()
+
+
+def _replaced(node: Any, **changes: Any) -> Any:
+  """``node`` with ``changes``: a NamedTuple's ``_replace``, a dataclass's ``replace``."""
+  if dataclasses.is_dataclass(node) and not isinstance(node, type):
+    return dataclasses.replace(node, **changes)
+  return node._replace(**changes)
+
+
+# Fields whose +inf is a documented value, not corruption: adagc's γ before any finite norm.
+_INFINITE_ALLOWED: dict[type, tuple[str, ...]] = {}
+
+
+def allow_infinite(state_type: type, *fields: str) -> None:
+  """Lets `with_value_checks` accept +inf (never NaN) in these fields of ``state_type``."""
+  _INFINITE_ALLOWED[state_type] = fields
 
 
 def _is_stats_node(x: Any) -> bool:
@@ -119,7 +159,7 @@ def _stats_nodes(opt_state: Any) -> list[tuple[str, Any]]:
       seen[key] = n + 1
       out.append((key if n == 0 else f"{key}_{n}", node))
       stats = (*spec.fields, *spec.summaries)
-      rest = {f: getattr(node, f) for f in getattr(node, "_fields", ()) if f not in stats}
+      rest = {f: getattr(node, f) for f in _fields(node) if f not in stats}
       visit(list(rest.values()), scope + _scope(path))
 
   visit(opt_state, "")
@@ -210,19 +250,31 @@ def _check(assertion: Callable[[], None]) -> None:
       raise
 
 
-# Statistics that record the incoming updates: NaN there is a fact about the input
-# (say, a step skip_bad_steps skipped), not a corrupted optimizer state.
+# Statistics that record the incoming updates and loss: NaN there is a fact about the input
+# (say, a step skip_bad_steps skipped), not a corrupted optimizer state. Norms are >= 0.
 _INPUT_NORMS = ("grad_norm",)
+_INPUTS = (*_INPUT_NORMS, "loss")
 
 
 def _state_proper(tree: Any) -> Any:
-  """``tree`` without the input-norm fields of this library's states (at any depth)."""
+  """``tree`` without the input fields of registered states (at any depth), and with the
+  +inf a field may hold (see `allow_infinite`) read as 0."""
 
   def strip(node: Any) -> Any:
-    if not _is_stats_node(node):
+    if not _is_stats_node(node) or not _fields(node):  # a class of another kind: as it is
       return node
-    return node._replace(
-      **{f: None if f in _INPUT_NORMS else _state_proper(getattr(node, f)) for f in node._fields}
+    infinite = _INFINITE_ALLOWED.get(type(node), ())
+    finite = lambda x: jnp.where(jnp.isposinf(x), jnp.zeros_like(x), x)
+    return _replaced(
+      node,
+      **{
+        f: None
+        if f in _INPUTS
+        else jax.tree.map(finite, getattr(node, f))
+        if f in infinite
+        else _state_proper(getattr(node, f))
+        for f in _fields(node)
+      },
     )
 
   return jax.tree.map(strip, tree, is_leaf=_is_stats_node)
@@ -237,9 +289,10 @@ def with_value_checks(
 ) -> optax.GradientTransformationExtraArgs:
   """Adds chex value assertions to ``tx.update``: finite updates and state, norms >= 0.
 
-  The recorded norms of the incoming updates (``grad_norm``) may be NaN,
-  since a NaN input that `skip_bad_steps`
-  skipped is not an error; everything else in the state must be finite.
+  The recorded norms of the incoming updates (``grad_norm``) and the
+  recorded loss may be NaN, since a NaN input that `skip_bad_steps` skipped
+  is not an error, and `adagc`'s ``gamma`` is +inf until its tensor has had
+  a finite norm; everything else in the state must be finite.
   Inside a step wrapped in ``chex.chexify`` (or run eagerly) a violation raises
   an ``AssertionError`` naming the check; in a plain ``jit`` the checks are
   skipped and cost nothing.

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from optax_momclip import _scaling, _validation
-from optax_momclip._scaling import real_dtype
+from optax_momclip._scaling import Norm, real_dtype
 
 AxisName = str | tuple[str, ...] | None
 Axes = int | tuple[int, ...] | None
@@ -80,17 +80,19 @@ def _rescued_sqrt(
   limits: Sequence[tuple[float, float, float]],
   recompute: Callable[[list[jax.Array]], list[jax.Array]],
   enabled: bool = True,
-) -> list[jax.Array]:
+) -> list[Norm]:
   """``sqrt`` of each sum of squares, those that over- or underflowed recomputed scaled.
 
   One ``lax.cond`` for all of them, taken only when a sum is non-finite or
   small enough to have lost terms (zero included): ``recompute(powers)``
   sums the squares again with every element multiplied by its power of two,
-  and the root is divided by it, exactly. On the common path every element
-  is read once. ``enabled=False`` (for the benchmark) leaves the roots as they are.
+  and the root is divided by it, exactly. A root too large for the dtype
+  once divided (every element finite, the norm beyond the largest value)
+  keeps its power instead: see `Norm`. On the common path every element is
+  read once. ``enabled=False`` (for the benchmark) leaves the roots as they are.
   """
   if not sums or not enabled:
-    return [jnp.sqrt(s) for s in sums]
+    return [Norm.of(jnp.sqrt(s)) for s in sums]
   bad = [~jnp.isfinite(s) | (s < lim[0]) for s, lim in zip(sums, limits, strict=True)]
   needed = jnp.any(jnp.stack([jnp.any(b) for b in bad]))
 
@@ -98,18 +100,20 @@ def _rescued_sqrt(
     threshold, down, up = limit
     return jnp.where(~jnp.isfinite(s), down, jnp.where(s < threshold, up, 1.0)).astype(s.dtype)
 
-  def rescue(operands: tuple[list[jax.Array], list[jax.Array]]) -> list[jax.Array]:
+  def rescue(operands: tuple[list[jax.Array], list[jax.Array]]) -> list[Norm]:
     sums, powers = operands
-    again = recompute(powers)
-    return [
-      jnp.sqrt(jnp.where(b, a, s)) / p  # dividing by a power of two rounds nothing
-      for s, a, b, p in zip(sums, again, bad, powers, strict=True)
-    ]
+    out = []
+    for s, a, b, p in zip(sums, recompute(powers), bad, powers, strict=True):
+      root = jnp.sqrt(jnp.where(b, a, s))
+      norm = root / p  # dividing by a power of two rounds nothing
+      beyond = b & jnp.isfinite(root) & ~jnp.isfinite(norm)
+      out.append(Norm(jnp.where(beyond, root, norm), jnp.where(beyond, p, 1).astype(p.dtype)))
+    return out
 
   # The powers enter the branch as operands: computed inside it, XLA:CPU fuses them into
   # every leaf's kernel, which then compiles as a generic loop instead of a library reduction.
   powers = [power(s, lim) for s, lim in zip(sums, limits, strict=True)]
-  plain = lambda operands: [jnp.sqrt(s) for s in operands[0]]
+  plain = lambda operands: [Norm.of(jnp.sqrt(s)) for s in operands[0]]
   return lax.cond(needed, rescue, plain, (list(sums), powers))
 
 
@@ -171,17 +175,19 @@ def _global_norms(
   ]
   if ord == 1:
     return [
-      _psum(_total([jnp.sum(jnp.abs(x).astype(d)) for x in leaves], d), axis_name)
+      Norm.of(_psum(_total([jnp.sum(jnp.abs(x).astype(d)) for x in leaves], d), axis_name))
       for leaves, d in zip(trees, dtypes, strict=True)
     ]
   if ord == math.inf:
     return [
-      _pmax(
-        jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(d) for x in leaves]), initial=0),
-        axis_name,
+      Norm.of(
+        _pmax(
+          jnp.max(jnp.stack([jnp.max(jnp.abs(x), initial=0).astype(d) for x in leaves]), initial=0),
+          axis_name,
+        )
+        if leaves
+        else jnp.zeros([], d)
       )
-      if leaves
-      else jnp.zeros([], d)
       for leaves, d in zip(trees, dtypes, strict=True)
     ]
   replicas = 1 if axis_name is None else lax.axis_size(axis_name)
@@ -202,17 +208,17 @@ def _global_norms(
 @functools.partial(jax.jit, static_argnames=("ord", "axes", "rescue"))
 def _unit_norms(
   arrays: list[jax.Array], ord: float, axes: tuple[Any, ...], rescue: bool
-) -> list[jax.Array]:
+) -> list[Norm]:
   """The norm of each array over its ``axes`` (kept as size 1), with at most one ``lax.cond``."""
   dtypes = [accumulation_dtype(x.dtype) for x in arrays]
   if ord == 1:
     return [
-      jnp.sum(jnp.abs(x).astype(d), axis=a, keepdims=True)
+      Norm.of(jnp.sum(jnp.abs(x).astype(d), axis=a, keepdims=True))
       for x, d, a in zip(arrays, dtypes, axes, strict=True)
     ]
   if ord == math.inf:
     return [
-      jnp.max(jnp.abs(x), axis=a, keepdims=True, initial=0).astype(d)
+      Norm.of(jnp.max(jnp.abs(x), axis=a, keepdims=True, initial=0).astype(d))
       for x, d, a in zip(arrays, dtypes, axes, strict=True)
     ]
 
@@ -227,8 +233,12 @@ def _unit_norms(
   return _rescued_sqrt(first, limits, sums, rescue)
 
 
-def global_norms(trees: Sequence[Any], *, ord: float = 2, axis_name: AxisName = None) -> list:
-  """`global_norm` of each tree, computed together: one rescue branch for all of them."""
+def global_norms(trees: Sequence[Any], *, ord: float = 2, axis_name: AxisName = None) -> list[Norm]:
+  """`global_norm` of each tree as a `Norm`, computed together: one rescue branch for all.
+
+  A norm beyond float32's largest value keeps a finite root and its power of
+  two, so that clips still divide by it exactly; ``.value()`` is the number.
+  """
   leaves = tuple(leaves_of(t) for t in trees)
   return _global_norms(
     leaves, ord=ord, axis_name=axis_name, fence=FENCE_NARROW_ON_CPU, rescue=RESCUE_OUT_OF_RANGE
@@ -237,34 +247,44 @@ def global_norms(trees: Sequence[Any], *, ord: float = 2, axis_name: AxisName = 
 
 def unit_norms(
   arrays: Sequence[Any], axes: Sequence[tuple[int, ...] | None], *, ord: float = 2
-) -> list[jax.Array]:
+) -> list[Norm]:
   """The norm of each array over its axes (None: all), kept as size-1 axes, in float32.
 
-  All of them share one rescue branch.
+  As `Norm` s (see `global_norms`); all of them share one rescue branch.
   """
   arrays = [jnp.asarray(x) for x in arrays]
   return _unit_norms(arrays, ord=ord, axes=tuple(axes), rescue=RESCUE_OUT_OF_RANGE)
 
 
-def norm_of_norms(norms: Sequence[jax.Array]) -> jax.Array:
-  """The L2 norm of already computed norms (say, per unit) taken as one vector.
+def norm_of_norms(norms: Sequence[jax.Array | Norm]) -> Norm:
+  """The L2 norm of already computed norms (say, per unit) taken as one vector, as a `Norm`.
 
   In float32, or float64 if any is. Exact without a rescue branch: these
   arrays are small, so a second pass costs little; every norm is divided by
   the power of two nearest their largest before squaring, which rounds nothing.
+  Norms beyond the dtype's range (`Norm` s with a power) count as exactly, and
+  a result beyond it keeps a power too.
   """
-  dtype = jnp.result_type(jnp.float32, *(jnp.asarray(n).dtype for n in norms))
-  norms = [jnp.asarray(n, dtype) for n in norms]
-  if not norms:
-    return jnp.zeros([], dtype)
+  exact = [Norm.of(n) for n in norms]
+  dtype = jnp.result_type(jnp.float32, *(n.root.dtype for n in exact))
+  if not exact:
+    return Norm.of(jnp.zeros([], dtype))
   # Per array, then over scalars: arrays sharded differently are never concatenated.
-  big = jnp.max(jnp.stack([jnp.max(n, initial=0) for n in norms]))
+  least = jnp.min(jnp.stack([jnp.min(n.power.astype(dtype), initial=1) for n in exact]))
+  roots = [n.root.astype(dtype) * (least / n.power.astype(dtype)) for n in exact]  # exact
+  big = jnp.max(jnp.stack([jnp.max(r, initial=0) for r in roots]))
   usable = jnp.isfinite(big) & (big >= jnp.finfo(dtype).tiny)
   _, e = _scaling.split(jnp.where(usable, big, 1.0))
   half = e // 2
   p = [_scaling.pow2(x, dtype) for x in (-half, half - e, half, e - half)]
-  total = jnp.sum(jnp.stack([jnp.sum(jnp.square(n * p[0] * p[1])) for n in norms]))
-  return jnp.where(usable, jnp.sqrt(total) * p[2] * p[3], big)
+  total = jnp.sum(jnp.stack([jnp.sum(jnp.square(r * p[0] * p[1])) for r in roots]))
+  root = jnp.sqrt(total) * p[2]
+  norm = root * p[3]
+  beyond = usable & jnp.isinf(norm)  # only when no norm had a power: their roots are moderate
+  return Norm(
+    jnp.where(beyond, root, jnp.where(usable, norm, big)),
+    least * jnp.where(beyond, 1 / p[3], 1).astype(dtype),
+  )
 
 
 def global_norm(tree: Any, *, ord: float | None = 2, axis_name: AxisName = None) -> jax.Array:
@@ -314,7 +334,7 @@ def global_norm(tree: Any, *, ord: float | None = 2, axis_name: AxisName = None)
   """
   ord = _validation.check_ord("global_norm", ord)
   _validation.check_axis_name("global_norm", axis_name)
-  return global_norms([tree], ord=ord, axis_name=axis_name)[0]
+  return global_norms([tree], ord=ord, axis_name=axis_name)[0].value()
 
 
 def resolve_axes(ndim: int, axis: Axes, fn: str = "resolve_axes") -> tuple[int, ...] | None:

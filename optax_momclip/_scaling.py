@@ -73,6 +73,52 @@ class Scale(NamedTuple):
     return jnp.minimum(self.factor * self.power, jnp.finfo(self.factor.dtype).max)
 
 
+class Norm(NamedTuple):
+  """A norm ``root / power`` that stays exact beyond its dtype's largest value.
+
+  ``power`` is 1 unless the norm itself is too large for the dtype although
+  every element is finite (the sum of ``[3e38] * 6``'s squares, taken scaled
+  by a power of two): ``root`` is then the root of that scaled sum, finite,
+  and ``power`` the power of two it was scaled by. A clip still divides by
+  such a norm exactly (`ratio`, `range_scale`); `value` rounds it to inf. A
+  NaN or infinite element leaves ``root`` non-finite.
+  """
+
+  root: jax.Array  # f32 (f64 for float64 norms), any shape
+  power: jax.Array  # same dtype and shape: 1, or 2**-k for a norm beyond the range
+
+  @classmethod
+  def of(cls, norm: jax.Array | Norm) -> Norm:
+    """``norm`` as a `Norm` (an array is its own root, with power 1)."""
+    if isinstance(norm, Norm):
+      return norm
+    norm = jnp.asarray(norm)
+    return cls(norm, jnp.ones_like(norm))
+
+  def value(self) -> jax.Array:
+    """The norm in its dtype: inf when it is beyond the dtype's largest value."""
+    return self.root / self.power
+
+  def elements_finite(self) -> jax.Array:
+    """True where every element the norm was taken over is finite (it may still be beyond range)."""
+    return jnp.isfinite(self.root)
+
+  def astype(self, dtype: Any) -> Norm:
+    return Norm(self.root.astype(dtype), self.power.astype(dtype))
+
+  def plus(self, x: jax.Array | float) -> Norm:
+    """The norm plus ``x >= 0`` (negligible beyond the range, where ``x`` is not a norm)."""
+    return Norm(self.root + jnp.asarray(x, self.root.dtype) * self.power, self.power)
+
+  def at_least(self, x: jax.Array | float) -> Norm:
+    """``max(norm, x)`` for finite ``x``."""
+    return Norm(jnp.maximum(self.root, jnp.asarray(x, self.root.dtype) * self.power), self.power)
+
+  def times(self, scale: Scale) -> jax.Array:
+    """``norm · scale`` as a number (finite whenever the product is in range)."""
+    return self.root * scale.power.astype(self.root.dtype) * scale.factor / self.power
+
+
 def unit(like: jax.Array) -> Scale:
   """The factor 1, shaped like ``like``."""
   return Scale(jnp.ones_like(like), jnp.ones_like(like))
@@ -83,44 +129,64 @@ def where(cond: jax.Array, a: Scale, b: Scale) -> Scale:
   return Scale(jnp.where(cond, a.factor, b.factor), jnp.where(cond, a.power, b.power))
 
 
-def ratio(target: jax.Array | float, norm: jax.Array) -> Scale:
+def ratio(target: jax.Array | float, norm: jax.Array | Norm) -> Scale:
   """``target / norm`` for a finite ``target >= 0`` and a positive ``norm``, in ``norm``'s dtype.
 
   The correctly rounded quotient wherever that is a normal number. Where it
   would underflow (a huge norm), or overflow (a tiny one), the norm is first
   multiplied by ``2**-126`` or ``2**126`` (float32's; exact, since the norm is
-  then above 1 or below 1) and that power goes into ``power``. Only a factor
-  beyond ``2**±252`` is lost, where no float32 update could hold the result.
+  then above 1 or below 1) and that power goes into ``power``. A `Norm` beyond
+  the dtype's range divides as exactly: its power of two is multiplied in
+  afterwards, which rounds nothing. Only a factor beyond ``2**±252`` is lost,
+  where no float32 update could hold the result.
   """
-  dtype = norm.dtype
+  norm = Norm.of(norm)
+  root = norm.root
+  dtype = root.dtype
   info = jnp.finfo(dtype)
   target = jnp.asarray(target, dtype)
   k = 2.0 ** (-info.minexp)
-  quotient = target / norm
-  down = (quotient < info.tiny) & (target > 0) & (norm > 1)
-  up = jnp.isinf(quotient) & jnp.isfinite(norm) & (norm < 1)
-  moved = target / (norm * jnp.where(down, 1 / k, k))
+  quotient = target / root
+  down = (quotient < info.tiny) & (target > 0) & (root > 1)
+  up = jnp.isinf(quotient) & jnp.isfinite(root) & (root < 1)
+  moved = target / (root * jnp.where(down, 1 / k, k))
   factor = jnp.where(down | up, moved, quotient)
-  return Scale(factor, jnp.where(down, 1 / k, jnp.where(up, k, 1.0)).astype(dtype))
+  power = jnp.where(down, 1 / k, jnp.where(up, k, 1.0)).astype(dtype)
+  # Beyond the range: target/norm = factor · power · norm.power, with norm.power = 2**-j and
+  # j well below 126. Multiply it into the factor, or with 2**126 into it and 2**-126 into the
+  # power when the factor would leave the normal range (power 1 there: the root is large).
+  small = (norm.power < 1) & (factor * norm.power < info.tiny)
+  lift = jnp.where(small & (power == 1), k, 1.0).astype(dtype)
+  return Scale(factor * (norm.power * lift), power / lift)
 
 
 def range_scale(
-  norm: jax.Array, max_norm: jax.Array, min_norm: jax.Array | float = 0.0, *, nonfinite: float = 1.0
+  norm: jax.Array | Norm,
+  max_norm: jax.Array,
+  min_norm: jax.Array | float = 0.0,
+  *,
+  nonfinite: float = 1.0,
 ) -> Scale:
   """The factor that brings ``norm`` into ``[min_norm, max_norm]``, exact at any magnitude.
 
   One when the norm is in range or zero (zero stays zero), ``max_norm/norm``
-  above it, ``min_norm/norm`` below it, ``nonfinite`` for a NaN or infinite
-  norm. Broadcasts over arrays of norms.
+  above it (a `Norm` beyond the dtype's range included), ``min_norm/norm``
+  below it, ``nonfinite`` for a norm over a NaN or infinite element.
+  Broadcasts over arrays of norms.
   """
-  dtype = scale_dtype(norm.dtype)
+  norm = Norm.of(norm)
+  dtype = scale_dtype(norm.root.dtype)
   norm = norm.astype(dtype)
+  value = norm.value()
   hi, lo = jnp.asarray(max_norm, dtype), jnp.asarray(min_norm, dtype)
-  finite = jnp.isfinite(norm)
-  move = finite & (norm > 0) & ((norm > hi) | (norm < lo))
-  target = jnp.minimum(jnp.where(norm > hi, hi, lo), hi)  # the upper bound wins
-  moved = ratio(jnp.where(move, target, 1), jnp.where(move, norm, 1))
-  keep = Scale(jnp.where(finite, 1, jnp.asarray(nonfinite, dtype)), jnp.ones_like(norm))
+  finite = norm.elements_finite()
+  move = finite & (value > 0) & ((value > hi) | (value < lo))
+  target = jnp.minimum(jnp.where(value > hi, hi, lo), hi)  # the upper bound wins
+  one = jnp.ones_like(value)
+  moved = ratio(
+    jnp.where(move, target, 1), Norm(jnp.where(move, norm.root, 1), jnp.where(move, norm.power, 1))
+  )
+  keep = Scale(jnp.where(finite, 1, jnp.asarray(nonfinite, dtype)), one)
   return where(move, moved, keep)
 
 
@@ -135,13 +201,15 @@ def multiplier(scale: Scale, dtype: Any) -> Callable[[jax.Array], jax.Array]:
 
 
 def _exactly_one(power: jax.Array) -> jax.Array:
-  """``power / power``: exactly 1 (``power`` is a power of two, finite and nonzero).
+  """Exactly 1 (``power`` is a power of two, finite and positive), chosen by comparing ``power``.
 
   XLA cannot see that it is constant, so whatever is multiplied or divided by it
   waits for ``power`` and is computed where it stands. An optimization barrier
-  would not do: XLA:CPU removes it before fusing.
+  would not do: XLA:CPU removes it before fusing. Nor would ``power / power``:
+  XLA rewrites ``x / (power / power)`` as ``x · power / power``, and ``power²``
+  flushes to zero for a power of ``2**-126`` (every factor below ``1/1e38``).
   """
-  return power / power
+  return jnp.where(power > 0, 1, 2).astype(power.dtype)
 
 
 def _computed_once(power: jax.Array, factor: jax.Array) -> tuple[jax.Array, jax.Array]:

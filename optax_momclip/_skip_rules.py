@@ -7,6 +7,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from optax_momclip import _hyperparams, _statistics, _validation
 from optax_momclip._clipping import count_if
@@ -14,6 +15,27 @@ from optax_momclip._clipping import count_if
 _SIGNALS = ("grad_norm", "loss", "either")
 _STDS = ("population", "sample")
 _SIGNAL_OF = {"norm": "grad_norm", "loss": "loss"}
+EMA_ALPHA = 0.99  # skip_bad_steps's default alpha
+EMA_ALPHA32 = np.float32(EMA_ALPHA)
+
+
+def _refuse_unused(
+  fn: str, z_threshold: Any, spike_on: str, window: Any, std: str, alpha: Any
+) -> None:
+  """Refuses arguments the chosen rule would ignore."""
+  if z_threshold is None and spike_on != "grad_norm":
+    raise ValueError(
+      f"{fn}: spike_on={spike_on!r} chooses what z_threshold judges, got z_threshold=None"
+    )
+  if window is None and std != "population":
+    raise ValueError(f"{fn}: std={std!r} needs a window (window=N), got window=None")
+  alpha_value = _validation.concrete_float(alpha)
+  # In float32: optax.inject_hyperparams passes the default as a float32 array.
+  if window is not None and alpha_value is not None and np.float32(alpha_value) != EMA_ALPHA32:
+    raise ValueError(
+      f"{fn}: alpha={alpha!r} sets the EMA rule's decay, which window={window!r} replaces "
+      "(drop alpha, or window)"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,6 +82,7 @@ class SpikeRule:
     _validation.check_bool(fn, "record_spikes", record_spikes)
     if max_consecutive_spikes is not None:
       _validation.check_count(fn, "max_consecutive_spikes", max_consecutive_spikes)
+    _refuse_unused(fn, z_threshold, spike_on, window, std, alpha)
     if window is None:
       for name, value in (("min_history", min_history), ("record_spikes", record_spikes)):
         if value not in (None, False):
@@ -93,15 +116,23 @@ class SpikeRule:
           f"{fn}: spike_on={self.spike_on!r} needs the loss: call update(..., value=loss)"
         )
       return jnp.zeros([], dtype)
-    return jnp.asarray(extra_args["value"]).astype(dtype)
+    loss = jnp.asarray(extra_args["value"])
+    if loss.shape != ():
+      raise ValueError(
+        f"{fn}: value must be the scalar loss (shape ()), got shape {loss.shape}: average a "
+        "per-example loss first"
+      )
+    return loss.astype(dtype)
 
   def judge(
     self, norm: jax.Array, loss: jax.Array, state: Any
-  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Whether a finite step is bad, and the statistics each signal was judged against."""
-    bad = jnp.zeros([], bool)
+  ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Whether a finite step is bad, whether the z-score rule found it a spike, and the
+    statistics each signal was judged against."""
+    over = jnp.zeros([], bool)
     if self.max_norm is not None:
-      bad |= norm > _hyperparams.bound(self.max_norm, None, norm.dtype)
+      over = norm > _hyperparams.bound(self.max_norm, None, norm.dtype)
+    bad = jnp.zeros([], bool)
     judged = {}
     for name, x, window in (("norm", norm, state.norm_window), ("loss", loss, state.loss_window)):
       mean, var = getattr(state, f"{name}_mean"), getattr(state, f"{name}_var")
@@ -110,10 +141,10 @@ class SpikeRule:
       judged[f"{name}_mean"], judged[f"{name}_var"] = mean, var
       if self.z_threshold is not None and self.spike_on in (_SIGNAL_OF[name], "either"):
         bad |= self._spike(x, mean, var, state.stats_count)
-    return bad, judged
+    return over | bad, bad, judged
 
   def _spike(self, x: jax.Array, mean: jax.Array, var: jax.Array, held: jax.Array) -> jax.Array:
-    k = _hyperparams.evaluate(self.z_threshold, None, x.dtype)
+    k = _hyperparams.bound(self.z_threshold, None, x.dtype)
     if self.window is None:
       z, _, _ = _statistics.zscore(x, mean, var)
       return (held >= self.warmup_steps) & (z > k)
@@ -132,7 +163,8 @@ class SpikeRule:
     judged: dict[str, jax.Array],
   ) -> dict[str, jax.Array]:
     """The statistics fed with an accepted step (any step, recording spikes), restarted after
-    ``max_consecutive_spikes`` finite spikes in a row."""
+    ``max_consecutive_spikes`` finite spikes in a row (``bad``: the z-score rule's; a step
+    skipped for ``max_norm`` alone neither counts nor breaks the run)."""
     out = (
       self._fed_window(norm, loss, accepted, state, judged)
       if self.window
@@ -150,6 +182,8 @@ class SpikeRule:
 
   def _fed_ema(self, norm: Any, loss: Any, fed: Any, state: Any) -> dict:
     alpha, out = _hyperparams.evaluate(self.alpha, None, norm.dtype), {}
+    # Both signals or neither: they share one count.
+    fed = fed & _statistics.squarable(norm) & _statistics.squarable(loss)
     for name, x in (("norm", norm), ("loss", loss)):
       mean, var, count = _statistics.norm_statistics(
         x,

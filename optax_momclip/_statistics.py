@@ -27,7 +27,8 @@ def norm_statistics(
   While ``count < warmup_steps`` the mean and population variance of the norms
   so far are kept (Welford's update); afterwards
   ``μ ← αμ + (1-α)x, σ² ← ασ² + (1-α)(x - μ_new)²`` (ZClip's order). Returns
-  ``(mean, var, count)``, unchanged where not ``fed``.
+  ``(mean, var, count)``, unchanged where not ``fed``. Callers leave values that are
+  not `squarable` unfed.
   """
   warm = count < warmup_steps
   k = (count + 1).astype(mean.dtype)
@@ -37,9 +38,23 @@ def norm_statistics(
   e_mean = alpha * mean + (1.0 - alpha) * norm
   e_var = alpha * var + (1.0 - alpha) * jnp.square(norm - e_mean)
   new_mean = jnp.where(fed, jnp.where(warm, w_mean, e_mean), mean)
-  new_var = jnp.where(fed, jnp.where(warm, w_var, e_var), var)
+  new_var = jnp.where(
+    fed, jnp.minimum(jnp.where(warm, w_var, e_var), jnp.finfo(var.dtype).max), var
+  )
   new_count = jnp.where(fed & warm, count + 1, count)
   return new_mean, new_var, new_count
+
+
+def squarable(value: jax.Array) -> jax.Array:
+  """Whether ``value``'s square fits its dtype (``|value| <= 1.8e19`` in float32).
+
+  A larger value never enters the EMA statistics: its variance could not be
+  held, it would overflow to inf and then NaN, and every later step would be
+  judged against a NaN spread. Such a value is a blow-up whichever rule judges
+  it. (A window, recomputed from its values, reads an inf spread while the
+  value is in it, and recovers when it leaves.)
+  """
+  return jnp.abs(value) <= jnp.sqrt(jnp.finfo(jnp.asarray(value).dtype).max)
 
 
 def informative(std: jax.Array, mean: jax.Array) -> jax.Array:

@@ -136,10 +136,11 @@ def adaptive_grad_clip(
     norms = _norms.unit_norms(grads + weights, axes + axes)
     g_norms, w_norms = norms[: len(grads)], norms[len(grads) :]
 
-    def scale(g: jax.Array, w: jax.Array) -> _scaling.Scale:
-      lam = _hyperparams.bound(clipping, None, g.dtype)
+    def scale(g: _scaling.Norm, w: _scaling.Norm) -> _scaling.Scale:
+      dtype = g.root.dtype
+      lam = _hyperparams.bound(clipping, None, dtype)
       return range_scale(
-        g, lam * jnp.maximum(w.astype(g.dtype), _hyperparams.bound(eps, None, g.dtype))
+        g, lam * jnp.maximum(w.value().astype(dtype), _hyperparams.bound(eps, None, dtype))
       )
 
     scales = [scale(g, w) for g, w in zip(g_norms, w_norms, strict=True)]
@@ -147,7 +148,7 @@ def adaptive_grad_clip(
     units = units_moved(scales)
     like = lambda x: x.astype(state.grad_norm.dtype)
     return jax.tree.unflatten(treedef, new), AdaptiveGradClipState(
-      grad_norm=like(_norms.norm_of_norms(g_norms)),
+      grad_norm=like(_norms.norm_of_norms(g_norms).value()),
       clip_scale=smallest_scale(scales, state.clip_scale.dtype),
       clip_threshold=like(_hyperparams.bound(clipping, None, state.grad_norm.dtype)),
       count=optax.safe_increment(state.count),
@@ -179,7 +180,8 @@ class AdaGCState(NamedTuple):
     clip_threshold: ``lambda_abs`` during warm-up (a global norm), then
       ``lambda_rel`` (a ratio to γ). f32[].
     count: updates processed (saturating); warm-up lasts while
-      ``count + 1 < warmup_steps``, and always for the first update. i32[].
+      ``count + 1 < warmup_steps``, and always for the first update (a
+      saturated count stays out of it). i32[].
     steps_clipped: updates in which at least one tensor was rescaled. i32[].
     tensors_clipped: tensors rescaled this step. i32[].
   """
@@ -220,14 +222,24 @@ def adagc(
   ``gamma_mean`` and ``gamma_max``.
 
   As the reference implementation (``pytorch_optimizer.AdaGC``, with its
-  ``eps`` clamps and step counting), except: a non-finite norm leaves its
-  tensor unscaled (the update stays non-finite, for `skip_bad_steps` to
-  catch) and its γ unchanged (all of them during warm-up), where the
-  reference's γ turns NaN for the rest of training; complex tensors are
+  ``eps`` clamps and step counting), except: a NaN or infinite element leaves
+  its tensor unscaled (the update stays non-finite, for `skip_bad_steps` to
+  catch) and its γ unchanged; during warm-up, whose clip is global, every
+  tensor, where the reference turns every tensor NaN and its γ NaN for the
+  rest of training; complex tensors are
   clipped by ``|z|`` (the reference refuses them); γ is ``inf`` until set
   rather than absent; and the weight decay and Adam of the reference are
   optax's (``optax.adamw``, or ``optax.add_decayed_weights`` before
-  ``adagc`` for the reference's coupled decay).
+  ``adagc`` for the reference's coupled decay). A warm-up norm beyond
+  float32's largest value (finite elements) is divided by exactly, where the
+  reference's overflows to inf and zeroes the step.
+
+  A pitfall, the reference's too: a tensor whose gradient is all zeros on a
+  warm-up step (a layer behind a zero-initialised output layer, at step 0)
+  gets γ = 0, and after warm-up its updates are clipped to about
+  ``λ_rel·ε`` and grow by a factor ``β + (1 − β)·λ_rel`` (0.1% with the
+  defaults) per step. Start the warm-up once every tensor has a gradient, or
+  check ``gamma_min`` in `metrics`.
 
   Args:
     lambda_rel: λ_rel > 0, the ratio to γ a tensor's norm may reach after
@@ -296,7 +308,7 @@ def adagc(
     return jax.tree.unflatten(treedef, new), (
       AdaGCState(
         gamma=jax.tree.unflatten(jax.tree.structure(state.gamma), new_gammas),
-        grad_norm=total,
+        grad_norm=total.value(),
         clip_scale=smallest_scale(scales, dtype),
         clip_threshold=jnp.where(h.warm, h.lambda_abs, h.lambda_rel),
         count=optax.safe_increment(state.count),
@@ -318,24 +330,28 @@ class _AdaGCRule:
     self.lambda_abs = _hyperparams.bound(lambda_abs, count, dtype)
     self.weight = _hyperparams.complement(beta, None, dtype)
     self.eps = _hyperparams.bound(eps, None, dtype)
-    self.warm = (count == 0) | (count + 1 < warmup)
+    self.warm = (count == 0) | (count < warmup - 1)  # count + 1 would wrap at the int32 limit
 
   def scales_and_gammas(
-    self, norms: list[jax.Array], total: jax.Array, gammas: list[jax.Array]
+    self, norms: list[_scaling.Norm], total: _scaling.Norm, gammas: list[jax.Array]
   ) -> tuple[list[Scale], list[jax.Array]]:
-    """Each tensor's factor ``h`` and its new γ (a zero-size tensor's γ stays empty)."""
-    warm_scale = range_scale(total + self.eps, self.lambda_abs)
+    """Each tensor's factor ``h`` and its new γ (a zero-size tensor's γ stays empty).
+
+    Norms beyond float32's range, of finite elements, are divided by exactly.
+    """
+    warm_scale = range_scale(total.plus(self.eps), self.lambda_abs)
     scales, new = [], []
     for n, gamma in zip(norms, gammas, strict=True):
-      g0 = gamma.astype(n.dtype) if gamma.size else jnp.zeros([], n.dtype)
+      dtype = n.root.dtype
+      g0 = gamma.astype(dtype) if gamma.size else jnp.zeros([], dtype)
       unset = jnp.isinf(g0)  # no finite norm seen yet: no bound (and no NaN in its gradient)
       known = jnp.where(unset, 1, g0)
       hi = jnp.where(unset, jnp.inf, self.lambda_rel * jnp.maximum(known, self.eps))
-      scale = _scaling.where(self.warm, warm_scale, range_scale(jnp.maximum(n, self.eps), hi))
-      clipped = _scaling.multiplier(scale, n.dtype)(n)
+      scale = _scaling.where(self.warm, warm_scale, range_scale(n.at_least(self.eps), hi))
+      clipped = n.times(scale)
       ema = jnp.where(unset, clipped, known + self.weight * (clipped - known))
       updated = jnp.where(self.warm, jnp.minimum(g0, clipped), ema)
-      finite = jnp.where(self.warm, jnp.isfinite(total), jnp.isfinite(n))
+      finite = jnp.where(self.warm, total.elements_finite(), n.elements_finite())
       scales.append(scale)
       new.append(jnp.where(finite, updated, g0).astype(gamma.dtype) if gamma.size else gamma)
     return scales, new
@@ -344,3 +360,4 @@ class _AdaGCRule:
 _metrics.register_statistics(
   AdaGCState, "adagc", (*CLIP_STATS, "tensors_clipped"), summaries=("gamma",)
 )
+_metrics.allow_infinite(AdaGCState, "gamma")  # unset until a finite norm is seen

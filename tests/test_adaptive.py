@@ -1,5 +1,7 @@
 """AGC, AutoClip and ZClip against NumPy re-derivations of the published rules."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -177,6 +179,39 @@ def test_autoclip_threshold_is_numpy_percentile_of_the_window(percentile):
   assert int(states.history_size[-1]) == window and int(states.history_index[-1]) == 13 % window
 
 
+def test_autoclip_leaves_zero_norms_out_of_its_window():
+  tx = omc.autoclip()  # p = 10 over a window of 1000
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(2)})
+  for _ in range(101):  # a frozen stretch: all-zero gradients
+    _, state = update({"w": jnp.zeros(2)}, state)
+  assert int(state.history_size) == 0
+  norms = 1.0 + 0.1 * np.random.default_rng(0).normal(size=20)
+  for n in norms:
+    u, state = update({"w": jnp.array([0.6, 0.8], jnp.float32) * n}, state)
+  want = np.percentile(norms.astype(np.float32), 10)  # of the nonzero norms only
+  assert float(state.clip_threshold) == pytest.approx(want, rel=1e-6)
+  assert np.linalg.norm(np.asarray(u["w"])) == pytest.approx(min(norms[-1], want), rel=1e-5)
+
+
+def test_autoclip_threshold_is_numpy_percentile_to_the_bit_at_any_magnitude():
+  tx = omc.autoclip()  # p = 10
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(1)})
+  seen = np.float32([6.34, 12.02, 7.2e-30, 7.7e30])
+  for n in seen:
+    _, state = update({"w": jnp.array([n])}, state)
+  assert float(state.clip_threshold) == np.float32(np.percentile(seen.astype(np.float64), 10))
+
+
+def test_with_no_bound_in_force_a_norm_beyond_float32_passes_unscaled():
+  g = {"w": jnp.full((3, 2), 3e38, jnp.float32)}
+  for tx in [omc.autoclip(100.0), omc.autoclip(), omc.zclip()]:  # no history; warm-up
+    u, state = jax.jit(tx.update)(g, tx.init(g))
+    np.testing.assert_array_equal(u["w"], g["w"])
+    assert int(state.steps_clipped) == 0
+
+
 def test_autoclip_percentile_100_is_the_identity():
   norms = _norm_sequence(9, spikes=(4,))
   _, grads, outs, states = _replay(lambda: omc.autoclip(100.0, window=3), norms)
@@ -302,6 +337,54 @@ def test_zclip_statistics_are_never_poisoned_by_nonfinite_norms(mode):
     )
 
 
+def _norm_stream(blow_up_at=1, spike_at=60, steps=61, seed=0):
+  """Norms about 1, one of 1e20 (finite, but its square overflows float32), one of 1e6."""
+  norms = 1.0 + 0.1 * np.random.default_rng(seed).normal(size=steps)
+  norms[blow_up_at], norms[spike_at] = 1e20, 1e6
+  return norms
+
+
+@pytest.mark.parametrize("mode", ["zscore", "percentile"])
+def test_zclip_statistics_survive_a_norm_too_large_to_square(mode):
+  tx = omc.zclip(mode=mode)
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(1)})
+  for n in _norm_stream():
+    u, state = update({"w": jnp.array([n], jnp.float32)}, state)
+    assert np.isfinite(state.norm_var) and np.isfinite(state.norm_mean)
+  assert float(u["w"][0]) < 3.0  # the 1e6 spike is clipped to the statistics of norms about 1
+
+
+def _injected(factory, steps, **hyper):
+  """``factory`` under ``optax.inject_hyperparams``, jitted, fed ``steps`` (norms), with
+  ``hyper`` set inside the state before the last step (a schedule gone out of range)."""
+  tx = optax.inject_hyperparams(factory)()
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(2)})
+  for i, n in enumerate(steps):
+    if i == len(steps) - 1:
+      state.hyperparams.update({k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()})
+    u, state = update({"w": jnp.array([0.6, -0.8], jnp.float32) * n}, state)
+  return np.asarray(u["w"])
+
+
+@pytest.mark.parametrize("bad", [-1.0, np.nan])
+def test_an_out_of_range_schedule_never_flips_or_unclips_a_spike(bad):
+  norms = [*(1.0 + 0.05 * np.sin(np.arange(40))), 1000.0]
+  raw = np.array([0.6, -0.8]) * 1000.0
+  for factory, hyper in [
+    (omc.zclip, {"clip_factor": bad}),
+    (omc.zclip, {"z_threshold": bad}),
+    (functools.partial(omc.zclip, clip_option="mean"), {"z_threshold": bad}),
+    (omc.autoclip, {"percentile": bad}),
+  ]:
+    u = _injected(factory, norms, **hyper)
+    assert np.all(u * raw >= 0), (hyper, u)  # never flipped
+    assert np.linalg.norm(u) < 2.0, (hyper, u)  # clipped (a bound of 0 zeroes it)
+  u = _injected(omc.autoclip, norms, percentile=250.0)  # reads 100: the largest norm seen
+  assert np.linalg.norm(u) == pytest.approx(1000.0, rel=1e-6)
+
+
 def test_zclip_infinite_threshold_is_the_identity():
   norms = _norm_sequence(30, spikes=(12, 25))
   _, grads, outs, states = _replay(lambda: omc.zclip(jnp.inf, warmup_steps=5), norms)
@@ -334,6 +417,14 @@ def test_zclip_nonfinite_norms_leave_the_statistics_alone():
     (lambda: omc.zclip(alpha=1.5), "zclip: alpha"),
     (lambda: omc.zclip(warmup_steps=0), "zclip: warmup_steps must be >= 1"),
     (lambda: omc.zclip(max_norm=-1.0), "zclip: max_norm"),
+    (
+      lambda: omc.zclip(mode="percentile", clip_option="mean"),
+      r"zclip: clip_option='mean' applies to mode='zscore', got mode='percentile'",
+    ),
+    (
+      lambda: omc.zclip(mode="percentile", clip_factor=0.5),
+      r"zclip: clip_factor=0.5 applies to mode='zscore'",
+    ),
   ],
 )
 def test_bad_hyperparameters_raise(make, match):

@@ -2,6 +2,7 @@
 
 import json
 import math
+import mmap
 import statistics
 
 import jax
@@ -46,6 +47,9 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
   for key in ("mars_extra_buffers", "plain_mars_extra_buffers", "adagc_overhead"):
     assert math.isfinite(methods[key]), key
   assert math.isfinite(methods["cautious_overhead"])
+  for table in (methods, res["overhead"]):
+    assert set(table["fresh_mib"]) == set(table["ms"])
+    assert all(v is None or v >= 0 for v in table["fresh_mib"].values())
   assert "per-tensor clip on the total norm + adam (plain JAX) |" in printed
   assert res["compile"]["leaves"] == 30 and res["compile"]["ours_s"] > 0
   assert {r["transformation"] for r in res["eager"]["rows"]} == set(
@@ -58,6 +62,29 @@ def test_quick_run_writes_every_row(tmp_path, capsys):
   assert ("time / PyTorch" in names) == has_torch
   assert {"compile time / optax", "eager update / optax (worst)"} <= names
   assert "CPU barrier: time without / with" in names
+
+
+@pytest.mark.skipif(_bench.fresh_mib_per_step(lambda n: None) is None, reason="no page counts")
+def test_fresh_memory_counts_pages_touched_for_the_first_time():
+  size = 16 * _bench.MiB
+  kept = np.zeros(size, np.uint8)
+  kept[:] = 1  # mapped and touched once, before the count
+
+  def reuse(steps):
+    for _ in range(steps):
+      kept[:] += 1
+
+  def allocate(steps):
+    for _ in range(steps):
+      with mmap.mmap(-1, size) as fresh:  # an anonymous mapping: new pages, zeroed on first touch
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+          fresh.madvise(mmap.MADV_NOHUGEPAGE)  # counted in base pages
+        view = np.frombuffer(fresh, np.uint8)
+        view[:] = 1
+        del view  # before the mapping closes
+
+  assert _bench.fresh_mib_per_step(allocate) == pytest.approx(16, abs=1)
+  assert _bench.fresh_mib_per_step(reuse) < 0.5
 
 
 def test_targets_compare_against_their_limits():

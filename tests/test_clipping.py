@@ -245,6 +245,103 @@ def test_every_clip_lands_on_its_bound_at_any_magnitude(exponent):
       np.testing.assert_array_equal(np.sign(u["a"]), [1.0, -1.0])
 
 
+def test_compiled_clips_land_on_their_bound_at_any_magnitude():
+  """As above, through jit: XLA once rewrote an exactly-one factor into power², which flushed."""
+  for hi, lo in [(1.0, 0.0), (3e38, 1e30)]:
+    for tx in [omc.clip_by_global_norm(hi, min_norm=lo), omc.clip_by_norm(hi, min_norm=lo)]:
+      update = jax.jit(tx.update)
+      for exponent in [-123, -60, 0, 60, 120, 127]:
+        g = {"a": jnp.asarray(np.array([3.0, -4.0]) * 2.0**exponent / 8, jnp.float32)}
+        want = min(max(5.0 * 2.0**exponent / 8, lo), hi)
+        u, _ = update(g, tx.init(g))
+        got = np.linalg.norm(np.asarray(u["a"], np.float64))
+        assert _ulps(got, want) <= 2, (tx, hi, lo, exponent, got, want)
+
+
+def _beyond():
+  """Finite float32 elements whose norm, about 7.3e38, float32 cannot hold."""
+  return {"a": jnp.full((3, 2), 3e38, jnp.float32), "b": jnp.array([1.0, -2.0], jnp.float32)}
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+def test_a_norm_beyond_float32_is_clipped_exactly_not_passed_on(jit):
+  g = _beyond()
+  flat = _flat(g)
+  want = jax.tree.map(lambda x: np.asarray(x, np.float64) / np.linalg.norm(flat), g)
+  for tx in [
+    omc.clip_by_global_norm(1.0),
+    omc.clip_by_global_norm(1.0, nonfinite="zero"),
+    omc.clip_by_global_norm(1.0, min_norm=0.5),
+  ]:
+    update = jax.jit(tx.update) if jit else tx.update
+    u, state = update(g, tx.init(g))
+    for k in g:
+      # "b" comes out below float32's smallest normal number: flushed to zero on XLA:CPU
+      np.testing.assert_allclose(np.asarray(u[k], np.float64), want[k], rtol=3e-7, atol=2e-38)
+    assert np.isinf(state.grad_norm) and int(state.steps_clipped) == 1  # beyond float32
+  tx = omc.clip_by_norm(1.0)
+  u, state = (jax.jit(tx.update) if jit else tx.update)(g, tx.init(g))
+  for k in g:
+    x = np.asarray(g[k], np.float64)
+    np.testing.assert_allclose(np.asarray(u[k]), x / np.linalg.norm(x), rtol=3e-7)
+  assert np.isinf(state.grad_norm["a"])
+
+
+def _direction(tree):
+  flat = _flat(tree)
+  return flat / np.linalg.norm(flat)
+
+
+def test_every_norm_clip_divides_by_a_norm_beyond_float32_exactly():
+  """Transformations that clip by a norm, fed finite elements whose norm overflows float32:
+  each lands on the bound it had for that step, direction kept (the old code passed them on)."""
+  g = _beyond()
+  ones = {k: jnp.ones_like(v) for k, v in g.items()}
+  cases = {
+    "momclip_sgd": (omc.momclip_sgd(1.0, 0.0, max_norm=1.0), [], -1.0),
+    "clipped_momentum": (omc.clipped_momentum(1.0), [], 1.0),
+    "normalized_momentum": (omc.normalized_momentum(0.9), [], 1.0),
+    "adagc, warm-up": (omc.adagc(), [], 1.0),  # the global clip at lambda_abs
+    "autoclip": (omc.autoclip(50.0), [ones] * 5, 1.0),  # the median of norms of 2.83
+    "zclip": (omc.zclip(warmup_steps=5), [ones] * 30, 1.0),  # a spike: clipped to mu
+  }
+  for name, (tx, before, sign) in cases.items():
+    update = jax.jit(tx.update)
+    state = tx.init(g)
+    for i, h in enumerate(before):
+      _, state = update(jax.tree.map(lambda x, i=i: x * (1 + 0.01 * (i % 3)), h), state, g)
+    u, state = update(g, state, g)
+    want = {"autoclip": np.linalg.norm(_flat(ones)) * 1.01, "zclip": None}.get(name, 1.0)
+    got = np.linalg.norm(_flat(u))
+    assert np.isfinite(got) and got > 0, (name, got)
+    if want is not None:
+      assert got == pytest.approx(want, rel=2e-2 if name == "autoclip" else 1e-5), (name, got)
+    else:
+      assert got < 4.0, (name, got)  # near the mean norm of what came before (2.85)
+    np.testing.assert_allclose(sign * _direction(u), _direction(g), atol=1e-6, err_msg=name)
+  corrected = {"w": jnp.full((3, 2), 1e38, jnp.float32)}  # c = 1.475e38 each: ‖c‖ = 3.6e38
+  c, _ = jax.jit(omc.mars().update)(corrected, omc.mars().init(corrected))
+  np.testing.assert_allclose(np.asarray(c["w"]), np.full((3, 2), 1 / np.sqrt(6)), rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "hyper", [{"max_value": -1.0}, {"max_value": np.nan}], ids=["negative", "nan"]
+)
+def test_clip_by_value_zeroes_rather_than_flips_under_an_out_of_range_schedule(hyper):
+  g = {"w": jnp.array([150.0, -200.0, 0.5])}
+  tx = optax.inject_hyperparams(omc.clip_by_value)(max_value=1.0)
+  state = tx.init(g)
+  state.hyperparams.update({k: jnp.float32(v) for k, v in hyper.items()})
+  u, _ = jax.jit(tx.update)(g, state)
+  np.testing.assert_array_equal(u["w"], [0.0, 0.0, 0.0])
+  tx = optax.inject_hyperparams(omc.clip_by_value)(max_value=1.0, min_value=-1.0)
+  for lo, hi in [(2.0, 1.0), (np.nan, 1.0), (-1.0, np.nan)]:  # crossed, or NaN: no interval
+    state = tx.init(g)
+    state.hyperparams.update({"min_value": jnp.float32(lo), "max_value": jnp.float32(hi)})
+    u, _ = jax.jit(tx.update)(g, state)
+    np.testing.assert_array_equal(u["w"], [0.0, 0.0, 0.0])
+
+
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_policies(bad):
   g = {"x": jnp.array([bad, 1.0, 2.0]), "y": jnp.array([5.0])}

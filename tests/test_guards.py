@@ -732,11 +732,18 @@ def test_a_nonfinite_loss_is_a_bad_step_and_no_value_is_today_s_rule():
     ({"record_spikes": True}, r"record_spikes=True needs a window"),
     ({"min_history": 4}, r"min_history=4 needs a window"),
     ({"window": 8, "std": "unbiased"}, r"std must be one of \('population', 'sample'\)"),
+    ({"std": "sample"}, r"skip_bad_steps: std='sample' needs a window \(window=N\)"),
+    ({"window": 8, "alpha": 0.9}, r"alpha=0.9 sets the EMA rule's decay, which window=8 replaces"),
   ],
 )
 def test_bad_window_arguments_raise(kwargs, match):
   with pytest.raises((ValueError, TypeError), match=match):
     omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, **kwargs)
+
+
+def test_spike_on_without_a_z_threshold_raises():
+  with pytest.raises(ValueError, match=r"spike_on='loss' chooses what z_threshold judges"):
+    omc.skip_bad_steps(optax.sgd(0.1), spike_on="loss")
 
 
 SKIP_RULES = {
@@ -800,3 +807,47 @@ def test_the_loss_reaches_skip_bad_steps_through_every_wrapper():
   for loss in losses:
     step(model, optimizer, jnp.float32(loss))
   assert int(omc.metrics(optimizer.opt_state)["skip_bad_steps/steps_skipped"]) == 1
+
+
+def test_spike_statistics_survive_a_norm_too_large_to_square():
+  tx = omc.skip_bad_steps(optax.sgd(1.0), z_threshold=6.0, warmup_steps=10)
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(1)})
+  norms = 1.0 + 0.1 * np.random.default_rng(0).normal(size=61)
+  norms[1], norms[60] = 1e20, 1e6  # finite, but the first one's square overflows float32
+  for n in norms:
+    u, state = update({"w": jnp.array([n], jnp.float32)}, state)
+    assert np.isfinite(state.norm_var) and np.isfinite(state.norm_mean)
+  assert bool(state.last_step_skipped) and float(u["w"][0]) == 0.0  # the 1e6 spike
+
+
+def test_skip_bad_steps_needs_a_scalar_loss():
+  tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, spike_on="loss")
+  g = {"w": jnp.ones(2)}
+  with pytest.raises(ValueError, match=r"skip_bad_steps: value must be the scalar loss .*\(2,\)"):
+    tx.update(g, tx.init(g), value=jnp.array([0.5, 0.7]))  # per-example losses, shaped like w
+
+
+def test_steps_over_max_norm_alone_do_not_restart_the_statistics():
+  tx = omc.skip_bad_steps(
+    optax.sgd(0.1), max_norm=10.0, z_threshold=3.0, warmup_steps=20, max_consecutive_spikes=3
+  )
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(2)})
+  for n in 1.0 + 0.1 * np.random.default_rng(0).normal(size=5):  # still warming up
+    _, state = update({"w": jnp.array([n, 0.0], jnp.float32)}, state)
+  for _ in range(4):  # over max_norm: skipped, but the z-score rule judges nothing yet
+    _, state = update({"w": jnp.array([50.0, 0.0])}, state)
+    assert bool(state.last_step_skipped)
+  assert int(state.stats_count) == 5 and int(state.stats_restarts) == 0
+  assert int(state.consecutive_spikes) == 0
+
+
+def test_a_value_too_large_to_square_feeds_neither_signal():
+  tx = omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, warmup_steps=10)
+  update = jax.jit(tx.update)
+  state = tx.init({"w": jnp.zeros(1)})
+  for n in [1.0, 2.0, 1e25, 3.0]:  # the norm and the loss share one count
+    _, state = update({"w": jnp.array([n], jnp.float32)}, state, value=jnp.float32(0.5))
+  assert int(state.stats_count) == 3
+  assert float(state.norm_mean) == pytest.approx(2.0) and float(state.loss_mean) == 0.5

@@ -158,6 +158,18 @@ def test_adagc_keeps_gamma_through_nonfinite_norms():
   assert all(np.isfinite(float(x)) for x in jax.tree.leaves(states[-1].gamma))
 
 
+def test_adagc_stays_out_of_warm_up_when_its_count_saturates():
+  tx = omc.adagc(warmup_steps=5, lambda_abs=0.01)
+  g = {"a": jnp.array([3.0, 4.0])}
+  state = tx.init(g)._replace(
+    count=jnp.int32(np.iinfo(np.int32).max), gamma={"a": jnp.float32(1.0)}
+  )
+  u, state = jax.jit(tx.update)(g, state)
+  # after warm-up: clipped to lambda_rel·γ = 1.05, not to the warm-up's lambda_abs = 0.01
+  np.testing.assert_allclose(np.linalg.norm(np.asarray(u["a"])), 1.05, rtol=1e-6)
+  assert int(state.count) == np.iinfo(np.int32).max
+
+
 def test_adagc_gamma_of_a_zero_size_leaf_is_empty_and_left_out_of_the_summary():
   params = {"w": jnp.ones((3,)), "e": jnp.zeros((0,))}
   tx = omc.adagc(warmup_steps=1)

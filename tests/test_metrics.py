@@ -196,6 +196,46 @@ def test_with_value_checks_accepts_a_skipped_nan_step_but_not_a_corrupted_state(
     bad_inner.update({"w": jnp.array([1.0, 1.0])}, corrupt, params)
 
 
+def test_with_value_checks_accepts_a_skipped_nan_loss_and_an_unset_adagc_gamma():
+  params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([0.5])}
+  on_loss = omc.with_value_checks(
+    omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, spike_on="loss")
+  )
+  _, state = on_loss.update(params, on_loss.init(params), params, value=jnp.float32(jnp.nan))
+  assert bool(state.last_step_skipped) and np.isnan(state.loss)  # recorded, not corruption
+  adagc = omc.with_value_checks(omc.skip_bad_steps(optax.chain(omc.adagc(), optax.adam(0.1))))
+  nan = {"w": jnp.array([jnp.nan, 1.0]), "b": jnp.array([0.5])}
+  _, state = adagc.update(nan, adagc.init(params), params)  # skipped: every γ still unset
+  assert np.isinf(state.inner_state[0].gamma["w"])
+  bare = omc.with_value_checks(omc.adagc())
+  corrupt = bare.init(params)._replace(gamma={"w": jnp.float32(jnp.nan), "b": jnp.float32(1.0)})
+  with pytest.raises(AssertionError, match="non-finite state"):  # NaN is still caught
+    bare.update(params, corrupt, params)
+
+
+def test_register_statistics_takes_dataclass_states_and_checks_field_names():
+  from flax import struct
+
+  @struct.dataclass
+  class Tracked:
+    grad_norm: jax.Array
+    running: jax.Array  # state proper, which the checks look at
+
+  omc.register_statistics(Tracked, "tracked", ["grad_norm"])
+  tx = optax.GradientTransformation(
+    lambda p: Tracked(jnp.zeros([]), jnp.zeros([])),
+    lambda g, s, p=None: (g, Tracked(omc.global_norm(g), 0.5 * s.running + 1.0)),
+  )
+  checked = omc.with_value_checks(tx)
+  g = {"w": jnp.array([3.0, 4.0])}
+  _, state = checked.update(g, checked.init(g))  # an AttributeError (_replace) before
+  assert float(omc.metrics(state)["tracked/grad_norm"]) == 5.0
+  with pytest.raises(AssertionError, match="non-finite state"):
+    checked.update(g, state.replace(running=jnp.float32(jnp.nan)))
+  with pytest.raises(ValueError, match=r"register_statistics: Tracked has no field 'grad_nrom'"):
+    omc.register_statistics(Tracked, "tracked", ["grad_nrom"])
+
+
 def test_zero_size_leaves_in_per_leaf_statistics_and_value_checks():
   tx = omc.with_value_checks(omc.clip_by_norm(1.0, axis=0))
   g = {"f": jnp.zeros((3, 0)), "e": jnp.zeros((0,)), "x": jnp.full((2, 2), 3.0)}

@@ -77,7 +77,7 @@ def stats_free_clip(max_norm: float = MAX_NORM) -> optax.GradientTransformation:
 
   def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
     del params
-    norm = _norms.global_norm(updates)
+    norm = _norms.global_norms([updates])[0]  # as clip_by_global_norm: exact beyond float32 too
     scale: Scale = _scaling.range_scale(norm, jnp.float32(max_norm))
     return _scaling.scale_tree(updates, scale), state
 
@@ -498,16 +498,39 @@ def paired_ratio(samples: dict[str, list[float]], a: str, b: str) -> float:
   return statistics.median(x / y for x, y in zip(samples[a], samples[b], strict=True))
 
 
+def fresh_mib_per_step(run: Callable[[int], None], steps: int = 3) -> float | None:
+  """MiB per step of memory the process touches for the first time while ``run`` runs.
+
+  Minor page faults times the page size: pages the allocator mapped afresh
+  instead of reusing (XLA:CPU maps each step's parameter-sized temporaries
+  anew, and the kernel zeroes every page on first touch). None where the
+  operating system does not count page faults.
+  """
+  try:
+    import resource
+  except ImportError:  # Windows
+    return None
+  run(1)
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  run(steps)
+  faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+  return faults * resource.getpagesize() / steps / MiB
+
+
 def _measure(
   runners: dict[str, Callable[[int], None]], cfg: Config
-) -> tuple[dict[str, list[float]], dict[str, float]]:
-  """Times ``runners`` interleaved: ``(samples in s, median ms)``; frees what they held."""
+) -> tuple[dict[str, list[float]], dict[str, float], dict[str, float | None]]:
+  """Times ``runners`` interleaved: ``(samples in s, median ms, fresh MiB per step)``.
+
+  Frees what the runners held.
+  """
   samples = time_interleaved(
     runners, repeats=cfg.repeats, warmup=cfg.warmup, min_sample_s=cfg.min_sample_s
   )
+  fresh = {name: fresh_mib_per_step(run) for name, run in runners.items()}
   runners.clear()
   gc.collect()
-  return samples, {k: _median_ms(v) for k, v in samples.items()}
+  return samples, {k: _median_ms(v) for k, v in samples.items()}, fresh
 
 
 def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
@@ -524,7 +547,7 @@ def bench_step(n: int, dtype: Any, cfg: Config, threads: int) -> dict[str, Any]:
   if cfg.torch:
     runners["torch"] = TorchRunner(params, grads, threads, torch_device())
   del params
-  samples, ms = _measure(runners, cfg)
+  samples, ms, _ = _measure(runners, cfg)
   itemsize = jnp.dtype(dtype).itemsize
   bandwidth = KERNEL_BYTES_PER_PARAM * itemsize * n / (ms["kernel"] * 1e-3)
   roofline_ms = 1e3 * BYTES_PER_PARAM * itemsize * n / bandwidth
@@ -558,13 +581,19 @@ def bench_overhead(n: int, cfg: Config) -> dict[str, Any]:
   }
   base = "clip_by_global_norm"
   del params
-  samples, ms = _measure(runners, cfg)
+  samples, ms, fresh = _measure(runners, cfg)
   overhead = {"statistics": paired_ratio(samples, base, "stats-free clip") - 1.0}
   for name in ms:
     if name not in (base, "stats-free clip"):
       overhead[name] = paired_ratio(samples, name, base) - 1.0
   samples_ms = {k: [1e3 * x for x in v] for k, v in samples.items()}
-  return {"params": n, "ms": ms, "overhead": overhead, "samples_ms": samples_ms}
+  return {
+    "params": n,
+    "ms": ms,
+    "overhead": overhead,
+    "fresh_mib": fresh,
+    "samples_ms": samples_ms,
+  }
 
 
 def bench_methods(n: int, cfg: Config) -> dict[str, Any]:
@@ -574,7 +603,7 @@ def bench_methods(n: int, cfg: Config) -> dict[str, Any]:
   variants = method_variants()
   runners.update({name: jax_runner(make(), params, grads) for name, (make, _) in variants.items()})
   del params
-  samples, ms = _measure(runners, cfg)
+  samples, ms, fresh = _measure(runners, cfg)
   # The probe reads b and g and writes b: a buffer's read and write is 2/3 of its time.
   buffer = [k * 2 / 3 for k in samples["kernel"]]
 
@@ -593,6 +622,7 @@ def bench_methods(n: int, cfg: Config) -> dict[str, Any]:
     "plain_mars_extra_buffers": extra_buffers("mars + adamw" + PLAIN),
     "adagc_overhead": overhead["adagc + adam"],
     "cautious_overhead": overhead["cautious(adamw)"],
+    "fresh_mib": {k: v for k, v in fresh.items() if k != "kernel"},
     "samples_ms": {k: [1e3 * x for x in v] for k, v in samples.items()},
   }
 
@@ -660,7 +690,7 @@ def bench_fence(cfg: Config) -> list[dict[str, Any]]:
       "unfenced": jax_runner(_traced_with(tx, FENCE_NARROW_ON_CPU=False), params, grads),
     }
     del params
-    samples, ms = _measure(runners, cfg)
+    samples, ms, _ = _measure(runners, cfg)
     rows.append(
       {
         "params": cfg.bf16_size,
@@ -774,7 +804,11 @@ def format_tables(results: dict[str, Any]) -> str:
       f"| {_fmt(r['ours_over_torch'], '.3f')} |"
     )
   ov = results["overhead"]
-  lines += ["", f"| overhead at {_size(ov['params'])} f32 | ms | overhead |", "|---|---|---|"]
+  lines += [
+    "",
+    f"| overhead at {_size(ov['params'])} f32 | ms | fresh MiB/step | overhead |",
+    "|---|---|---|---|",
+  ]
   for name, t in ov["ms"].items():
     if name == "clip_by_global_norm":
       note = f"{ov['overhead']['statistics']:+.1%} vs stats-free (statistics)"
@@ -788,12 +822,15 @@ def format_tables(results: dict[str, Any]) -> str:
         note += " (what the one conditional costs)"
       if name == SELECT_AFTER:
         note += " (skip_bad_steps without its replay)"
-    lines.append(f"| {name} (+trace+scale) | {t:.2f} | {note} |")
+    lines.append(
+      f"| {name} (+trace+scale) | {t:.2f} | {_fmt(ov['fresh_mib'][name], '.1f')} | {note} |"
+    )
   mt = results["methods"]
   lines += [
     "",
-    f"| methods at {_size(mt['params'])} f32 | ms | over the optimizer it feeds or wraps |",
-    "|---|---|---|",
+    f"| methods at {_size(mt['params'])} f32 | ms | fresh MiB/step "
+    "| over the optimizer it feeds or wraps |",
+    "|---|---|---|---|",
   ]
   notes = {k: f"{v:+.1%} over {mt['over'][k]}" for k, v in mt["overhead"].items()}
   for name, key in (
@@ -802,7 +839,8 @@ def format_tables(results: dict[str, Any]) -> str:
   ):
     notes[name] = f"{mt[key]:+.2f} buffers' traffic (one: {mt['buffer_ms']:.2f} ms) over adamw"
   for name, t in mt["ms"].items():
-    lines.append(f"| {name} | {t:.2f} | {notes.get(name, '—')} |")
+    fresh = _fmt(mt["fresh_mib"][name], ".1f")
+    lines.append(f"| {name} | {t:.2f} | {fresh} | {notes.get(name, '—')} |")
   c = results["compile"]
   lines += [
     "",
