@@ -205,9 +205,10 @@ def _exactly_one(power: jax.Array) -> jax.Array:
 
   XLA cannot see that it is constant, so whatever is multiplied or divided by it
   waits for ``power`` and is computed where it stands. An optimization barrier
-  would not do: XLA:CPU removes it before fusing. Nor would ``power / power``:
-  XLA rewrites ``x / (power / power)`` as ``x · power / power``, and ``power²``
-  flushes to zero for a power of ``2**-126`` (every factor below ``1/1e38``).
+  would not do: XLA:CPU removes it before fusing. Nor would ``power / power``
+  here, where it divides: XLA rewrites ``x / (power / power)`` as
+  ``x · power / power``, and ``power²`` flushes to zero for a power of
+  ``2**-126`` (every factor below ``1/1e38``).
   """
   return jnp.where(power > 0, 1, 2).astype(power.dtype)
 
@@ -259,18 +260,21 @@ def scaler(scale: Scale) -> Callable[[Any], jax.Array]:
 def known_after(x: Any, scale: Scale) -> jax.Array:
   """``x`` itself, produced only once ``scale`` is known.
 
-  ``x`` is multiplied by `_exactly_one` of the scale's power, so it waits for
-  the scale. A state field that keeps a copy of an input (MARS's previous
-  gradient) is then written over its donated old value after everything that
-  reads the old value (the scale was computed from it). Without the tie XLA
-  copies the old value aside first: a parameter-sized copy, and fresh memory,
-  every step. Subnormal elements become zero where the backend flushes them in
-  arithmetic (XLA:CPU does), as they would in any use of the value.
+  ``x`` is multiplied by ``power / power`` (exactly 1) of the scale's power, so
+  it waits for the scale. A state field that keeps a copy of an input (MARS's
+  previous gradient) is then written over its donated old value after
+  everything that reads the old value (the scale was computed from it).
+  Without the tie XLA copies the old value aside first: a parameter-sized
+  copy, and fresh memory, every step. The tie is a product with a quotient,
+  which XLA leaves as it is; with `_exactly_one`'s compare XLA:CPU wrote the
+  new value to a fresh buffer each step instead of over the old one. Subnormal
+  elements become zero where the backend flushes them in arithmetic (XLA:CPU
+  does), as they would in any use of the value.
   """
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.inexact):
     return x
-  one = _exactly_one(scale.power)
+  one = scale.power / scale.power
   return _scale_with(x, lambda v: v * one.astype(v.dtype), real_dtype(x.dtype))
 
 

@@ -352,6 +352,22 @@ def test_a_donated_step_copies_no_parameter_sized_array(case: Case):
   assert not copies, copies
 
 
+def test_mars_writes_its_previous_gradient_over_the_old_one():
+  """At a size XLA does not keep in spare buffers (8 leaves of 256K): no parameter-sized
+  temporary, which XLA:CPU maps afresh every step. A tie XLA can see through, or a compare
+  in place of the quotient, made it write the new gradient to a fresh buffer."""
+  shapes = {f"l{i}": jax.ShapeDtypeStruct((1024, 256), jnp.float32) for i in range(8)}
+  tx = optax.chain(omc.mars(), optax.adamw(3e-3))
+
+  def step(p, state, g):
+    updates, state = tx.update(g, state, p)
+    return optax.apply_updates(p, updates), state
+
+  state = jax.eval_shape(tx.init, shapes)
+  compiled = jax.jit(step, donate_argnums=(0, 1)).lower(shapes, state, shapes).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 0.01 * 8 * 1024 * 256 * 4
+
+
 # The transformations that multiply every leaf by one factor, each leaf's own work aside.
 _ONE_FACTOR = {
   "clip_by_global_norm",
