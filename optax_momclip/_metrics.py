@@ -18,6 +18,7 @@ class _Stats:
   fields: tuple[str, ...]
   fractions: Mapping[str, tuple[str, str]]
   summaries: tuple[str, ...] = ()
+  infinite: tuple[str, ...] = ()  # fields whose +inf is a documented value (see allow_infinite)
 
 
 _REGISTRY: dict[type, _Stats] = {}
@@ -106,13 +107,10 @@ def _replaced(node: Any, **changes: Any) -> Any:
   return node._replace(**changes)
 
 
-# Fields whose +inf is a documented value, not corruption: adagc's γ before any finite norm.
-_INFINITE_ALLOWED: dict[type, tuple[str, ...]] = {}
-
-
 def allow_infinite(state_type: type, *fields: str) -> None:
-  """Lets `with_value_checks` accept +inf (never NaN) in these fields of ``state_type``."""
-  _INFINITE_ALLOWED[state_type] = fields
+  """Lets `with_value_checks` accept +inf (never NaN) in these fields of a registered state:
+  a documented value, not corruption (adagc's γ before any finite norm)."""
+  _REGISTRY[state_type] = dataclasses.replace(_REGISTRY[state_type], infinite=fields)
 
 
 def _is_stats_node(x: Any) -> bool:
@@ -263,7 +261,7 @@ def _state_proper(tree: Any) -> Any:
   def strip(node: Any) -> Any:
     if not _is_stats_node(node) or not _fields(node):  # a class of another kind: as it is
       return node
-    infinite = _INFINITE_ALLOWED.get(type(node), ())
+    infinite = _REGISTRY[type(node)].infinite
     finite = lambda x: jnp.where(jnp.isposinf(x), jnp.zeros_like(x), x)
     return _replaced(
       node,
