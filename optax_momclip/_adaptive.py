@@ -159,7 +159,7 @@ def autoclip(
       history_index=index,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 class ZClipState(NamedTuple):
@@ -317,7 +317,7 @@ def zclip(
       stats_count=count,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _cap(max_norm: Any, dtype: Any) -> jax.Array:

@@ -176,7 +176,7 @@ def momclip_sgd(
       steps_clipped=count_if(state.steps_clipped, scale.changes()),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _check_arguments(

@@ -90,7 +90,7 @@ def qhm(
     out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
     return out, QhmState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 class AggmoState(NamedTuple):
@@ -171,4 +171,4 @@ def aggmo(
     out, buf = unzip(updates, jax.tree.map(leaf, updates, state.momentum_buffer))
     return out, AggmoState(count=optax.safe_increment(state.count), momentum_buffer=buf)
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))

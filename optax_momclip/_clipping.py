@@ -154,7 +154,7 @@ def clip_by_value(
       steps_clipped=count_if(state.steps_clipped, any_of([moved for _, _, moved in clipped])),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _clip_leaf(
@@ -290,7 +290,7 @@ def clip_by_norm(
       steps_clipped=count_if(state.steps_clipped, any_of([s.changes() for s in scales])),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _kept_shape(fn: str, shape: tuple[int, ...], axis: Any) -> tuple[int, ...]:
@@ -412,7 +412,7 @@ def clip_by_global_norm(
       new = jax.tree.map(lambda g: jnp.where(finite, g, jnp.zeros_like(g)), new)
     return new, ClipByGlobalNormState(**clip_statistics(state, norm, scale, hi))
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 _metrics.register_statistics(ClipByValueState, "clip_by_value", ClipByValueState._fields)

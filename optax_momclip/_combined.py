@@ -128,7 +128,7 @@ def clipped_momentum(
       steps_clipped=count_if(state.steps_clipped, clipped),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _mix(updates: Any, buffer: Any, m_weight: _scaling.Scale, g_weight: _scaling.Scale) -> Any:
@@ -228,7 +228,7 @@ def normalized_momentum(
       momentum_norm=norm,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 _metrics.register_statistics(

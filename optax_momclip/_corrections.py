@@ -135,7 +135,7 @@ def mars(
       tensors_clipped=tensors,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 def _weight(gamma: Any, beta1: Any, dtype: Any) -> jax.Array:

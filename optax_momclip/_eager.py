@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from optax_momclip import _validation
+
 Update = Callable[..., tuple[Any, Any]]
 
 
@@ -23,7 +25,7 @@ def _arrays_only(tree: Any) -> bool:
   return all(isinstance(x, jax.Array | int | float | complex) for x in jax.tree.leaves(tree))
 
 
-def compiled_when_reused(update_fn: Update, *, passes_extra_args: bool = False) -> Update:
+def compiled_when_reused(fn: str, update_fn: Update, *, passes_extra_args: bool = False) -> Update:
   """``update_fn``, whose eager calls from the second on run under one cached ``jax.jit``.
 
   Python numbers among the updates and params become arrays first, so every
@@ -35,7 +37,11 @@ def compiled_when_reused(update_fn: Update, *, passes_extra_args: bool = False) 
   (``jit``, ``vmap``, ``grad``, ``scan``) run as written and are compiled with
   the caller's step.
 
+  Every call first refuses integer and boolean gradients (see
+  `_validation.check_gradients`).
+
   Args:
+    fn: the public name of the transformation, for error messages.
     update_fn: ``update(updates, state, params=None, **extra_args)``.
     passes_extra_args: ``update_fn`` reads its extra arguments (a wrapper
       passing them on); they then enter the compiled call, which is skipped
@@ -47,6 +53,7 @@ def compiled_when_reused(update_fn: Update, *, passes_extra_args: bool = False) 
 
   def update(updates: Any, opt_state: Any, params: Any = None, **extra_args: Any) -> Any:
     nonlocal compiled, reused, traceable
+    _validation.check_gradients(fn, updates)
     updates, params = _as_arrays(updates), _as_arrays(params)
     first, reused = not reused, True
     if (

@@ -215,7 +215,7 @@ def skip_bad_steps(
     return _step(fn, rule, inner, skip_nonfinite, norm, updates, state, params, extra_args)
 
   return optax.GradientTransformationExtraArgs(
-    init_fn, _eager.compiled_when_reused(update_fn, passes_extra_args=True)
+    init_fn, _eager.compiled_when_reused(fn, update_fn, passes_extra_args=True)
   )
 
 

@@ -111,7 +111,7 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     )
 
   return optax.GradientTransformationExtraArgs(
-    init_fn, _eager.compiled_when_reused(update_fn, passes_extra_args=True)
+    init_fn, _eager.compiled_when_reused(fn, update_fn, passes_extra_args=True)
   )
 
 

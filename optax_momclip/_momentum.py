@@ -200,7 +200,7 @@ def heavy_ball(
       momentum_buffer=cast_like(buf, state.momentum_buffer),
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
 
 
 class EmaMomentumState(NamedTuple):
@@ -290,4 +290,4 @@ def ema_momentum(
       decay_product=product,
     )
 
-  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(update_fn))
+  return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))

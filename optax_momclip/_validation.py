@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -201,6 +202,37 @@ def check_dtype(fn: str, name: str, dtype: Any) -> None:
     ok = False
   if not ok:
     raise TypeError(f"{fn}: {name} must be None or a floating dtype, got {dtype!r}")
+
+
+def _dtype(x: Any) -> Any:
+  dtype = getattr(x, "dtype", None)  # an array's; a Python number's as jnp would make it
+  return jnp.result_type(x) if dtype is None else dtype
+
+
+@functools.cache
+def _inexact(dtype: Any) -> bool:
+  return jnp.issubdtype(dtype, jnp.inexact)
+
+
+def check_gradients(fn: str, updates: Any) -> None:
+  """Refuses, at trace time, an update leaf that is not floating or complex.
+
+  Scaled or averaged, an integer gradient would be rounded back to its dtype:
+  a clip of ``[3, 4]`` to norm 1 would come out ``[0, 0]``.
+
+  Raises:
+    TypeError: naming ``fn``, the leaf's path and its dtype.
+  """
+  if all(_inexact(_dtype(x)) for x in jax.tree.leaves(updates)):
+    return  # the common case, cheap enough for every eager call
+  for path, x in jax.tree_util.tree_flatten_with_path(updates)[0]:
+    dtype = _dtype(x)
+    if not _inexact(dtype):
+      raise TypeError(
+        f"{fn}: updates{jax.tree_util.keystr(path)} has dtype {dtype}; gradients must be "
+        "floating or complex (an integer one would be rounded after scaling): cast it, "
+        "or leave it out with optax.masked"
+      )
 
 
 def _paths(tree: Any) -> list[str]:

@@ -322,6 +322,19 @@ def test_python_number_leaves(case: Case):
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
+@pytest.mark.parametrize("dtype", [jnp.int32, jnp.bool_])
+def test_an_integer_gradient_is_refused_by_name(case: Case, dtype):
+  """Scaled and cast back, [3, 4] clipped to norm 1 came out [0, 0]."""
+  params = {**_params(), "steps": jnp.zeros(2, dtype)}
+  grads = {**_grads(0), "steps": jnp.array([3, 4]).astype(dtype)}
+  tx = case.make()
+  with pytest.raises(TypeError, match=rf"{case.name}: updates\['steps'\] has dtype {jnp.dtype(dtype)}"):
+    tx.update(grads, tx.init(params), params)
+  with pytest.raises(TypeError, match=rf"{case.name}: updates\['steps'\]"):
+    jax.jit(tx.update)(grads, tx.init(params), params)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_at_most_one_conditional_per_step(case: Case):
   """On XLA:GPU every conditional waits for its predicate on the host."""
   params = {f"layer{i}": jnp.ones((i % 7 + 1, 3)) * (i + 1) for i in range(100)}
