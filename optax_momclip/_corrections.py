@@ -32,7 +32,10 @@ class MarsState(NamedTuple):
 
 
 def mars(
-  gamma: float | jax.Array = 0.025, beta1: float | jax.Array = 0.95
+  gamma: float | jax.Array = 0.025,
+  beta1: float | jax.Array = 0.95,
+  *,
+  axis_name: str | tuple[str, ...] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""MARS: the variance-reduced gradient, clipped to norm 1 per tensor, for the optimizer after it.
 
@@ -45,7 +48,9 @@ def mars(
   is MARS-AdamW (the paper's approximate form, which reuses the previous
   gradient instead of evaluating a second one). It chains as well with
   `heavy_ball`, `momclip_sgd` or ``optax.lion``. One buffer of state: the
-  previous gradient, in the gradients' dtype; the correction is computed in
+  previous gradient, in the params' dtype (what ``init`` sees, as optax keeps
+  its moments; float32 params keep bf16 gradients exactly, bf16 params round
+  float32 ones); the correction is computed in
   float32 (float64 for float64 updates). Norms are exact at any magnitude
   (see `global_norm`), beyond float32's range too when every element of the
   correction is finite; a tensor with a NaN or infinite element in it (a
@@ -66,6 +71,9 @@ def mars(
     gamma: γ >= 0, the strength of the correction; 0 keeps only the
       clipping. Default 0.025.
     beta1: β₁ in ``[0, 1)``, the following optimizer's momentum. Default 0.95.
+    axis_name: for leaves sharded under ``shard_map``/``pmap``: each tensor's
+      norm is summed over these mapped axes, so the clip is the whole
+      tensor's. Default None.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a `MarsState`.
@@ -99,6 +107,7 @@ def mars(
   fn = "mars"
   _validation.check_scalar(fn, "gamma", gamma, low=0.0)
   _validation.check_scalar(fn, "beta1", beta1, low=0.0, high=1.0, high_open=True)
+  _validation.check_axis_name(fn, axis_name)
 
   def init_fn(params: Any) -> MarsState:
     return MarsState(
@@ -118,7 +127,7 @@ def mars(
     previous = jax.tree.leaves(state.previous_grad)
     weights = [_weight(gamma, beta1, _scaling.scale_dtype(g.dtype)) for g in grads]
     corrected = _corrections(grads, previous, weights)
-    norms = _norms.global_norms([[c] for c in corrected])
+    norms = _norms.global_norms([[c] for c in corrected], axis_name=axis_name)
     scales = [range_scale(n, jnp.ones([], n.root.dtype)) for n in norms]
     out = [
       scale_leaf(c, s).astype(g.dtype) for c, s, g in zip(corrected, scales, grads, strict=True)
@@ -128,7 +137,9 @@ def mars(
       # Written once every norm is known, so over the old gradient in place (see known_after).
       previous_grad=jax.tree.unflatten(
         jax.tree.structure(state.previous_grad),
-        [known_after(g, s) for g, s in zip(grads, scales, strict=True)],
+        [
+          known_after(g, s).astype(p.dtype) for g, s, p in zip(grads, scales, previous, strict=True)
+        ],
       ),
       count=optax.safe_increment(state.count),
       steps_clipped=count_if(state.steps_clipped, tensors > 0),

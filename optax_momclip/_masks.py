@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax import lax
 
 from optax_momclip import _eager, _metrics, _norms, _validation
 
@@ -27,7 +28,9 @@ class CautiousState(NamedTuple):
   count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
 
 
-def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def cautious(
+  inner: optax.GradientTransformation, *, axis_name: str | tuple[str, ...] | None = None
+) -> optax.GradientTransformationExtraArgs:
   r"""Cautious masking: zeroes the components of ``inner``'s update that would climb the gradient.
 
   .. math:: \phi = \mathbb{1}[u \cdot g < 0], \qquad
@@ -59,6 +62,9 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     inner: the optimizer whose updates are masked, an
       ``optax.GradientTransformation``; extra arguments (``value=loss``) are
       passed on to it.
+    axis_name: for leaves sharded under ``shard_map``/``pmap``: each tensor's
+      kept components are counted over these mapped axes, so its rescaling is
+      the whole tensor's. Default None.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose state is a `CautiousState`.
@@ -84,6 +90,7 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     raise TypeError(
       f"{fn}: inner must be an optax.GradientTransformation, got {type(inner).__name__}"
     )
+  _validation.check_axis_name(fn, axis_name)
   inner = optax.with_extra_args_support(inner)
 
   def init_fn(params: Any) -> CautiousState:
@@ -100,7 +107,9 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
     _validation.check_tree_matches(fn, new, updates)
     leaves, treedef = jax.tree.flatten(new)
     grads = jax.tree.leaves(updates)
-    masked = [_masked(jnp.asarray(u), jnp.asarray(g)) for u, g in zip(leaves, grads, strict=True)]
+    masked = [
+      _masked(jnp.asarray(u), jnp.asarray(g), axis_name) for u, g in zip(leaves, grads, strict=True)
+    ]
     dtype = state.masked_fraction.dtype
     kept = sum((k.astype(dtype) for _, k, _ in masked), jnp.zeros([], dtype))
     total = float(sum(n for _, _, n in masked))
@@ -115,20 +124,36 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
   )
 
 
-def _masked(u: jax.Array, g: jax.Array) -> tuple[jax.Array, jax.Array, int]:
-  """``(u masked and rescaled, components kept, components)`` for one leaf."""
+def _masked(u: jax.Array, g: jax.Array, axis_name: Any) -> tuple[jax.Array, jax.Array, int]:
+  """``(u masked and rescaled, components kept, components)`` for one leaf (all its shards)."""
+  shards = 1 if axis_name is None else lax.axis_size(axis_name)
+  total = lambda kept: kept if axis_name is None else lax.psum(kept, axis_name)
   if jnp.iscomplexobj(u):
     parts = [_descends(jnp.real(u), jnp.real(g)), _descends(jnp.imag(u), jnp.imag(g))]
-    kept = jnp.sum(parts[0], dtype=jnp.int32) + jnp.sum(parts[1], dtype=jnp.int32)
-    n = 2 * u.size
+    kept = total(jnp.sum(parts[0], dtype=jnp.int32) + jnp.sum(parts[1], dtype=jnp.int32))
+    n = 2 * u.size * shards
     scale = _rescale(n, kept, u.dtype)
     real = jnp.real(u) * jnp.where(parts[0], scale, 0)
     imag = jnp.imag(u) * jnp.where(parts[1], scale, 0)
     return jax.lax.complex(real, imag).astype(u.dtype), kept, n
   keep = _descends(u, g)
-  kept = jnp.sum(keep, dtype=jnp.int32)
-  scale = _rescale(u.size, kept, u.dtype)
-  return (u * jnp.where(keep, scale, 0)).astype(u.dtype), kept, u.size
+  n = u.size * shards
+  kept = total(_count(keep, n))
+  scale = _rescale(n, kept, u.dtype)
+  return (u * jnp.where(keep, scale, 0)).astype(u.dtype), kept, n
+
+
+def _count(keep: jax.Array, n: int) -> jax.Array:
+  """The number of True in ``keep``, one shard of a tensor of ``n`` components, exactly.
+
+  Summed as float32 ones and zeros, exact up to 2**24 components (every
+  partial sum is a whole number float32 holds), which XLA:CPU reduces in one
+  library kernel, where an int32 count takes a generic two-stage reduction.
+  Larger tensors are counted in int32.
+  """
+  if n <= 2**24:
+    return jnp.sum(jnp.where(keep, 1.0, 0.0).astype(jnp.float32))
+  return jnp.sum(keep, dtype=jnp.int32)
 
 
 def _descends(u: jax.Array, g: jax.Array) -> jax.Array:

@@ -284,7 +284,9 @@ def adagc(
     dtype = _norms.statistics_dtype(params)
     return AdaGCState(
       gamma=jax.tree.map(lambda x: jnp.full(gamma_shape(jnp.shape(x)), jnp.inf, dtype), params),
-      **clip_statistics_init(dtype, _hyperparams.evaluate(lambda_abs, jnp.zeros([]), dtype)),
+      **clip_statistics_init(
+        dtype, _hyperparams.evaluate(lambda_abs, jnp.zeros([], jnp.int32), dtype)
+      ),
       tensors_clipped=jnp.zeros([], jnp.int32),
     )
 

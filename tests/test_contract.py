@@ -328,7 +328,9 @@ def test_an_integer_gradient_is_refused_by_name(case: Case, dtype):
   params = {**_params(), "steps": jnp.zeros(2, dtype)}
   grads = {**_grads(0), "steps": jnp.array([3, 4]).astype(dtype)}
   tx = case.make()
-  with pytest.raises(TypeError, match=rf"{case.name}: updates\['steps'\] has dtype {jnp.dtype(dtype)}"):
+  with pytest.raises(
+    TypeError, match=rf"{case.name}: updates\['steps'\] has dtype {jnp.dtype(dtype)}"
+  ):
     tx.update(grads, tx.init(params), params)
   with pytest.raises(TypeError, match=rf"{case.name}: updates\['steps'\]"):
     jax.jit(tx.update)(grads, tx.init(params), params)

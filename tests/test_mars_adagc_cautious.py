@@ -294,3 +294,71 @@ def test_cautious_passes_extra_arguments_to_inner():
 def test_cautious_rejects_what_is_not_a_transformation():
   with pytest.raises(TypeError, match=r"cautious: inner must be an optax\.GradientTransformation"):
     omc.cautious(optax.sgd)
+
+
+@pytest.mark.parametrize(
+  "make",
+  [
+    lambda ax: omc.mars(axis_name=ax),
+    lambda ax: omc.cautious(optax.sgd(0.1, momentum=0.9), axis_name=ax),
+  ],
+  ids=["mars", "cautious"],
+)
+def test_axis_name_makes_a_sharded_tensor_act_as_one_under_shard_map(make):
+  """Without it each of the 8 shards was clipped (MARS) or rescaled (cautious) on its own."""
+  from jax.sharding import Mesh, PartitionSpec
+
+  mesh = Mesh(np.array(jax.devices()[:8]), ("d",))
+  keys = jax.random.split(jax.random.key(3), 2)
+  steps = [{"w": jax.random.normal(k, (16, 3)) * 0.5} for k in keys]  # norm ~3.5: MARS clips
+  params = {"w": jnp.zeros((16, 3))}
+
+  def two_steps(tx, steps, params):
+    state = tx.init(params)
+    for g in steps:
+      u, state = tx.update(g, state, params)
+    return u, omc.metrics(state)
+
+  spec = PartitionSpec("d")
+  sharded = jax.jit(
+    jax.shard_map(
+      lambda s, p: two_steps(make("d"), s, p),
+      mesh=mesh,
+      in_specs=(spec, spec),
+      out_specs=(spec, PartitionSpec()),
+    )
+  )
+  u, stats = sharded(steps, params)
+  u_whole, stats_whole = two_steps(make(None), steps, params)
+  np.testing.assert_allclose(u["w"], u_whole["w"], rtol=1e-6, atol=1e-7)
+  for key, value in stats_whole.items():
+    np.testing.assert_allclose(stats[key], value, rtol=1e-6, err_msg=key)
+
+
+def test_mars_keeps_its_state_dtype_when_the_gradients_are_narrower():
+  """bf16 gradients into f32 params: the stored gradient stays f32, so ``scan`` can carry it."""
+  params = {"w": jnp.zeros(4, jnp.float32)}
+  grads = jnp.asarray(np.linspace(-1, 1, 12).reshape(3, 4), jnp.bfloat16)
+  tx = omc.mars()
+
+  def step(state, g):
+    u, state = tx.update({"w": g}, state)
+    return state, u["w"]
+
+  state, outs = jax.lax.scan(step, tx.init(params), grads)
+  assert state.previous_grad["w"].dtype == jnp.float32
+  np.testing.assert_array_equal(state.previous_grad["w"], np.asarray(grads[-1], np.float32))
+  eager = tx.init(params)
+  for t in range(3):
+    u, eager = tx.update({"w": grads[t]}, eager)
+    np.testing.assert_array_equal(outs[t], u["w"])
+
+
+def test_adagc_gives_a_schedule_an_integer_step_at_init():
+  """A table schedule indexes by the step: a float32 step at init raised a TypeError."""
+  table = jnp.array([2.0, 1.0, 0.5])
+  tx = omc.adagc(lambda_abs=lambda step: table[jnp.minimum(step, 2)], warmup_steps=3)
+  params = {"w": jnp.zeros(3)}
+  state = tx.init(params)
+  u, _ = tx.update({"w": jnp.array([3.0, 4.0, 0.0])}, state)
+  np.testing.assert_allclose(u["w"], [1.2, 1.6, 0.0], rtol=1e-6)  # warm-up clip to 2.0
