@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -184,7 +185,10 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   Statistics kept per leaf (`clip_by_norm`) get one key per leaf path, the
   largest value over a leaf's slices (none for a zero-size leaf); those
   registered as summaries (`adagc`'s per-tensor ``gamma``) get three keys,
-  ``<field>_min``, ``_mean`` and ``_max``. Reads
+  ``<field>_min``, ``_mean`` and ``_max``. A state batched by ``jax.vmap``
+  (an ensemble of optimizers; the leading axes of its ``count``) gives each
+  value per member: those maxima and summaries are taken over each member's
+  own elements. Reads
   only what the state holds: no norm is recomputed, and it is safe inside
   ``jit``.
 
@@ -207,6 +211,7 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   out: dict[str, jax.Array] = {}
   for name, node in _stats_nodes(opt_state):
     spec = _REGISTRY[type(node)]
+    batch = _batch_ndim(node)
     values = {}
     for field in spec.fields:
       flat = jax.tree_util.tree_flatten_with_path(getattr(node, field))[0]
@@ -215,10 +220,10 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
         out[f"{name}/{field}"] = flat[0][1]
         continue
       for path, leaf in flat:  # a statistic kept per leaf; a zero-size leaf has none
-        if leaf.size:
-          out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(leaf) if leaf.ndim else leaf
+        if math.prod(jnp.shape(leaf)[batch:]):
+          out[f"{name}/{field}/{_subkey(path)}"] = jnp.max(_per_member(leaf, batch), axis=-1)
     for field in spec.summaries:
-      out.update(_summary(f"{name}/{field}", getattr(node, field)))
+      out.update(_summary(f"{name}/{field}", getattr(node, field), batch))
     for key, (num, den) in spec.fractions.items():
       if num in values and den in values:
         denom = jnp.maximum(values[den], 1).astype(jnp.float32)
@@ -226,16 +231,32 @@ def metrics(opt_state: Any) -> dict[str, jax.Array]:
   return out
 
 
-def _summary(key: str, tree: Any) -> dict[str, jax.Array]:
-  """Min, mean and max over every element of a tree of arrays (none for an empty tree)."""
-  leaves = [jnp.ravel(x) for x in jax.tree.leaves(tree) if jnp.size(x)]
+def _batch_ndim(node: Any) -> int:
+  """How many leading axes ``jax.vmap`` added to a state: those of its scalar ``count``."""
+  count = getattr(node, "count", None) if "count" in _fields(node) else None
+  return jnp.ndim(count) if count is not None else 0
+
+
+def _per_member(x: Any, batch: int) -> jax.Array:
+  """``x`` as ``(*batch shape, elements)``: each ensemble member's elements in one row."""
+  x = jnp.asarray(x)
+  return x.reshape(*x.shape[:batch], -1)
+
+
+def _summary(key: str, tree: Any, batch: int = 0) -> dict[str, jax.Array]:
+  """Min, mean and max over every element of a tree of arrays (none for an empty tree).
+
+  Per member of a batched state: over all but the ``batch`` leading axes.
+  """
+  leaves = [_per_member(x, batch) for x in jax.tree.leaves(tree)]
+  leaves = [x for x in leaves if x.shape[-1]]
   if not leaves:
     return {}
-  values = jnp.concatenate(leaves)  # one value per leaf: a few hundred scalars at most
+  values = jnp.concatenate(leaves, axis=-1)  # one value per leaf: a few hundred at most
   return {
-    f"{key}_min": jnp.min(values),
-    f"{key}_mean": jnp.mean(values),
-    f"{key}_max": jnp.max(values),
+    f"{key}_min": jnp.min(values, axis=-1),
+    f"{key}_mean": jnp.mean(values, axis=-1),
+    f"{key}_max": jnp.max(values, axis=-1),
   }
 
 

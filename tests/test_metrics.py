@@ -258,3 +258,31 @@ def test_keys_stay_put_when_the_chain_around_a_transformation_changes():
   # In a plain chain only a second instance of the same transformation is numbered.
   assert "clip_by_global_norm/grad_norm" in keys(optax.chain(omc.clip_by_value(9.0), clip()))
   assert "clip_by_global_norm_1/grad_norm" in keys(optax.chain(clip(), clip()))
+
+
+def test_a_vmapped_ensemble_state_reports_each_member_on_its_own():
+  """Summaries (adagc's gamma) and per-leaf maxima (clip_by_norm's per-row norms) mixed members."""
+  tx = optax.chain(omc.adagc(warmup_steps=1), omc.clip_by_norm(1.0, axis=-1))
+  params = {"w": jnp.zeros((3, 2, 4)), "b": jnp.zeros((3, 4))}  # 3 members
+  rng = np.random.default_rng(0)
+  size = np.array([0.1, 5.0, 1.0])[:, None, None]  # members apart: one clipped, one not
+  steps = [
+    {
+      "w": jnp.asarray(rng.normal(size=(3, 2, 4)) * size, jnp.float32),
+      "b": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+    }
+    for _ in range(3)
+  ]
+  state = jax.vmap(tx.init)(params)
+  for g in steps:
+    _, state = jax.vmap(tx.update)(g, state)
+  batched = omc.metrics(state)
+  for member in range(3):
+    take = lambda tree, m=member: jax.tree.map(lambda x: x[m], tree)
+    alone = tx.init(take(params))
+    for g in steps:
+      _, alone = tx.update(take(g), alone)
+    expected = omc.metrics(alone)
+    assert set(batched) == set(expected)
+    for key, value in expected.items():
+      np.testing.assert_allclose(batched[key][member], value, rtol=1e-6, err_msg=key)
