@@ -18,6 +18,7 @@ from optax_momclip._momentum import (
   compute_dtype,
   heavy_ball_leaf,
   momentum_init,
+  started,
   unzip,
 )
 
@@ -40,6 +41,8 @@ class MomclipSgdState(NamedTuple):
       f32[].
     clip_threshold: ``max_norm``; 0 when it is None. f32[].
     steps_clipped: steps whose ``clip_scale`` was below 1 (saturating). i32[].
+    buffer_started: whether a step with non-zero momentum has started the
+      buffer (PyTorch's is None until then). bool[].
   """
 
   count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
@@ -48,6 +51,7 @@ class MomclipSgdState(NamedTuple):
   clip_scale: jax.Array  # f32[]
   clip_threshold: jax.Array  # f32[]
   steps_clipped: jax.Array  # i32[]
+  buffer_started: jax.Array  # bool[]
 
 
 def momclip_sgd(
@@ -78,8 +82,10 @@ def momclip_sgd(
 
   It returns ``Δθ`` (apply with ``optax.apply_updates``). The norm clip comes
   first so that ``grad_norm`` is the raw gradient's norm, the number a
-  PyTorch loop logs; both bounds hold after either order. With ``μ = 0`` no
-  buffer enters the step (as in PyTorch). The step reads the gradient twice:
+  PyTorch loop logs; both bounds hold after either order. A step with ``μ = 0``
+  neither reads nor changes the buffer, and the first step with a non-zero
+  ``μ`` starts it as a copy of the gradient (as in PyTorch, whose buffer is
+  None until then). The step reads the gradient twice:
   once for the norm (skipped when ``max_norm`` is None) and once in a single
   fused elementwise pass that clips, decays, updates the buffer and scales.
   Unlike `clip_by_global_norm` it keeps PyTorch's ``+1e-6``, so a norm just
@@ -139,6 +145,7 @@ def momclip_sgd(
     dtype = _norms.statistics_dtype(params)
     return MomclipSgdState(
       **momentum_init(params, accumulator_dtype),
+      buffer_started=jnp.zeros([], jnp.bool_),
       grad_norm=jnp.zeros([], dtype),
       clip_scale=jnp.ones([], dtype),
       clip_threshold=jnp.zeros([], dtype) if max_norm is None else bound(max_norm, None, dtype),
@@ -155,6 +162,7 @@ def momclip_sgd(
     norm, scale, threshold = _norm_clip(updates, max_norm, state.clip_threshold)
     step = _SgdStep.at(
       state.count,
+      ~state.buffer_started,
       _norms.statistics_dtype(updates),
       clip=None if max_norm is None else _scaling.scaler(scale),
       max_value=max_value,
@@ -174,6 +182,7 @@ def momclip_sgd(
       clip_scale=like(scale.value()),
       clip_threshold=like(threshold),
       steps_clipped=count_if(state.steps_clipped, scale.changes()),
+      buffer_started=started(state.buffer_started, step.mu),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))
@@ -215,6 +224,7 @@ class _SgdStep:
   def at(
     cls,
     count: jax.Array,
+    fresh: jax.Array,
     dtype: Any,
     *,
     clip: Any,
@@ -233,7 +243,7 @@ class _SgdStep:
       lr=evaluate(learning_rate, count, dtype),
       mu=evaluate(momentum, count, dtype),
       undamped=complement(dampening, count, dtype),
-      fresh=count == 0,
+      fresh=fresh,
       nesterov=nesterov,
     )
 
@@ -249,8 +259,7 @@ class _SgdStep:
         x = jnp.clip(x, -self.max_value.astype(dtype), self.max_value.astype(dtype))
     if self.weight_decay is not None:
       x = x + self.weight_decay.astype(dtype) * p.astype(dtype)
-    fresh = self.fresh | (self.mu == 0)  # PyTorch keeps no buffer: b = g
-    u, new = heavy_ball_leaf(x, b, self.mu, self.undamped, fresh, self.nesterov)
+    u, new = heavy_ball_leaf(x, b, self.mu, self.undamped, self.fresh, self.nesterov)
     return ((-self.lr).astype(dtype) * u).astype(g.dtype), new.astype(b.dtype)
 
 

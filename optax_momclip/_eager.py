@@ -33,7 +33,9 @@ def compiled_when_reused(fn: str, update_fn: Update, *, passes_extra_args: bool 
   would dispatch each of its small array operations on its own, tens per
   leaf; compiled, a call is one dispatch. The first call runs as written, so
   a transformation built anew for every step (as ``optax.inject_hyperparams``
-  does when not jitted) never waits for a compile. Calls under a trace
+  does when not jitted) never waits for a compile; op by op, it can round
+  differently from the compiled calls in the last bit (XLA fuses and
+  reorders arithmetic), as optax's eager and jitted updates do. Calls under a trace
   (``jit``, ``vmap``, ``grad``, ``scan``) run as written and are compiled with
   the caller's step.
 

@@ -197,13 +197,9 @@ def skip_bad_steps(
     record_spikes,
     max_consecutive_spikes,
   )
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-      f"{fn}: inner must be an optax.GradientTransformation, got {type(inner).__name__}"
-    )
   _validation.check_bool(fn, "skip_nonfinite", skip_nonfinite)
   _validation.check_axis_name(fn, axis_name)
-  inner = optax.with_extra_args_support(inner)
+  inner = _validation.inner_transformation(fn, inner)
 
   def init_fn(params: Any) -> SkipBadStepsState:
     return _initial_state(inner.init(params), _norms.statistics_dtype(params), window or 1)

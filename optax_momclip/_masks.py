@@ -86,12 +86,8 @@ def cautious(
     Line of Code*, 2024, https://arxiv.org/abs/2411.16085
   """
   fn = "cautious"
-  if not isinstance(inner, optax.GradientTransformation):
-    raise TypeError(
-      f"{fn}: inner must be an optax.GradientTransformation, got {type(inner).__name__}"
-    )
   _validation.check_axis_name(fn, axis_name)
-  inner = optax.with_extra_args_support(inner)
+  inner = _validation.inner_transformation(fn, inner)
 
   def init_fn(params: Any) -> CautiousState:
     return CautiousState(

@@ -49,6 +49,11 @@ def momentum_init(params: Any, dtype: Any, leading: tuple[int, ...] = ()) -> dic
   return {"count": jnp.zeros([], jnp.int32), "momentum_buffer": init_buffer(params, dtype, leading)}
 
 
+def torch_buffer_init(params: Any, dtype: Any) -> dict[str, Any]:
+  """`momentum_init`'s fields and ``buffer_started`` False: PyTorch's buffer is still None."""
+  return {**momentum_init(params, dtype), "buffer_started": jnp.zeros([], jnp.bool_)}
+
+
 def heavy_ball_leaf(
   g: jax.Array,
   b: jax.Array,
@@ -59,17 +64,30 @@ def heavy_ball_leaf(
 ) -> tuple[jax.Array, jax.Array]:
   """One PyTorch SGD momentum step on a leaf: ``(direction, new buffer)``.
 
-  ``undamped`` is ``1 - dampening``; ``fresh`` (a bool scalar) marks the first
-  step or a zero momentum, where PyTorch's buffer is a plain copy of ``g``.
-  Computed in `compute_dtype`; the direction is taken from the buffer as
-  stored (rounded to ``b``'s dtype), as PyTorch does with a bf16 buffer, so
-  what moves the params is exactly what the state holds.
+  ``undamped`` is ``1 - dampening``; ``fresh`` (a bool scalar) marks a buffer
+  not started yet (PyTorch's None), which the first step with a non-zero
+  momentum starts as a plain copy of ``g``. A step with zero momentum moves
+  along ``g`` and leaves the buffer as it is, as PyTorch does (a momentum
+  schedule that starts at 0 starts the buffer where it leaves 0). Computed in
+  `compute_dtype`; the direction is taken from the buffer as stored (rounded
+  to ``b``'s dtype), as PyTorch does with a bf16 buffer, so what moves the
+  params is exactly what the state holds.
   """
   dtype = compute_dtype(g.dtype, b.dtype)
   x, mu = g.astype(dtype), momentum.astype(dtype)
-  new = jnp.where(fresh, x, mu * b.astype(dtype) + undamped.astype(dtype) * x)
-  new = new.astype(b.dtype).astype(dtype)
-  return (x + mu * new if nesterov else new), new
+  still = mu == 0
+  # new = kb·b + kx·g with scalar weights: (μ, 1-d) once started, (0, 1) to start (b is still
+  # its initial zeros) and (1, 0) to keep b. A select between b and a new value instead makes
+  # XLA copy every donated buffer aside each step when μ is not a constant.
+  kb = jnp.where(still, 1, jnp.where(fresh, 0, mu)).astype(dtype)
+  kx = jnp.where(still, 0, jnp.where(fresh, 1, undamped.astype(dtype))).astype(dtype)
+  new = (kb * b.astype(dtype) + kx * x).astype(b.dtype).astype(dtype)
+  return (x + mu * new if nesterov else jnp.where(still, x, new)), new
+
+
+def started(state_started: jax.Array, momentum: jax.Array) -> jax.Array:
+  """Whether PyTorch's buffer exists after this step: once a momentum was non-zero."""
+  return state_started | (momentum != 0)
 
 
 def ema_leaf(g: jax.Array, m: jax.Array, decay: jax.Array, weight: jax.Array) -> jax.Array:
@@ -113,10 +131,13 @@ class HeavyBallState(NamedTuple):
       at, and 0 marks the first step. i32[].
     momentum_buffer: PyTorch's ``momentum_buffer``, a tree like the params in
       ``accumulator_dtype`` (default: each param's dtype).
+    buffer_started: whether a step with non-zero momentum has started the
+      buffer (PyTorch's is None until then). bool[].
   """
 
   count: jax.Array  # type: ignore[assignment]  # i32[]; optax's name, shadows tuple.count
   momentum_buffer: Any  # tree like params, accumulator_dtype
+  buffer_started: jax.Array  # bool[]
 
 
 def heavy_ball(
@@ -135,8 +156,10 @@ def heavy_ball(
   The first buffer is the undamped gradient, as in ``torch.optim.SGD``; with
   ``d = 0`` this is ``optax.trace`` and the classic ``v = γv + g``, and the
   step ``θ ← θ - α u`` is added by ``optax.sgd``-style scaling after it. A
-  momentum of 0 returns ``g`` whatever the dampening (PyTorch keeps no buffer
-  then).
+  step with momentum 0 returns ``g`` whatever the dampening and leaves the
+  buffer as it is, as PyTorch does; ``b_1`` is the first step with a
+  non-zero momentum (a schedule warming up from 0 starts the buffer there,
+  and one that returns to a non-zero momentum resumes the old buffer).
 
   Args:
     momentum: ``μ`` in ``[0, 1]``, or a schedule ``step -> μ`` (e.g. `demon`)
@@ -178,7 +201,7 @@ def heavy_ball(
   _validation.check_dtype(fn, "accumulator_dtype", accumulator_dtype)
 
   def init_fn(params: Any) -> HeavyBallState:
-    return HeavyBallState(**momentum_init(params, accumulator_dtype))
+    return HeavyBallState(**torch_buffer_init(params, accumulator_dtype))
 
   def update_fn(
     updates: Any, state: HeavyBallState, params: Any = None, **extra_args: Any
@@ -188,9 +211,8 @@ def heavy_ball(
     dtype = _norms.statistics_dtype(updates)
     mu = evaluate(momentum, state.count, dtype)
     undamped = complement(dampening, state.count, dtype)
-    fresh = (state.count == 0) | (mu == 0)
     pairs = jax.tree.map(
-      lambda g, b: heavy_ball_leaf(g, b, mu, undamped, fresh, nesterov),
+      lambda g, b: heavy_ball_leaf(g, b, mu, undamped, ~state.buffer_started, nesterov),
       updates,
       state.momentum_buffer,
     )
@@ -198,6 +220,7 @@ def heavy_ball(
     return cast_like(out, updates), HeavyBallState(
       count=optax.safe_increment(state.count),
       momentum_buffer=cast_like(buf, state.momentum_buffer),
+      buffer_started=started(state.buffer_started, mu),
     )
 
   return optax.GradientTransformationExtraArgs(init_fn, _eager.compiled_when_reused(fn, update_fn))

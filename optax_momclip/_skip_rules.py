@@ -30,8 +30,11 @@ def _refuse_unused(
   if window is None and std != "population":
     raise ValueError(f"{fn}: std={std!r} needs a window (window=N), got window=None")
   alpha_value = _validation.concrete_float(alpha)
-  # In float32: optax.inject_hyperparams passes the default as a float32 array.
-  if window is not None and alpha_value is not None and np.float32(alpha_value) != EMA_ALPHA32:
+  # optax.inject_hyperparams passes the default as an array of the params' dtype (bf16 too).
+  dtype = getattr(alpha, "dtype", None)
+  floating = dtype is not None and jnp.issubdtype(dtype, jnp.floating)
+  default = np.asarray(EMA_ALPHA, dtype) if floating else EMA_ALPHA32
+  if window is not None and alpha_value is not None and np.float32(alpha_value) != default:
     raise ValueError(
       f"{fn}: alpha={alpha!r} sets the EMA rule's decay, which window={window!r} replaces "
       "(drop alpha, or window)"

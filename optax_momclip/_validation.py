@@ -12,6 +12,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 _ORDS = (1, 2, math.inf)
 
@@ -83,6 +84,31 @@ def check_scalar(
   too_high = high is not None and (v >= high if high_open else v > high)
   if math.isnan(v) or too_low or too_high or (math.isinf(v) and not infinite):
     raise ValueError(f"{fn}: {name} must be in {valid}, got {value!r}")
+
+
+def inner_transformation(fn: str, inner: Any) -> optax.GradientTransformationExtraArgs:
+  """A wrapper's ``inner`` as a transformation that takes extra arguments.
+
+  Takes what ``optax.chain`` takes: a ``GradientTransformation``, an
+  ``optax.MultiSteps`` (through its ``gradient_transformation()``, which
+  passes extra arguments on) or any object with ``init`` and ``update``
+  (given none).
+
+  Raises:
+    TypeError: naming ``fn``, for an object with neither.
+  """
+  if not isinstance(inner, optax.GradientTransformation):
+    convert = getattr(inner, "gradient_transformation", None)
+    if callable(convert):
+      inner = convert()
+    elif callable(getattr(inner, "init", None)) and callable(getattr(inner, "update", None)):
+      inner = optax.GradientTransformation(inner.init, inner.update)
+    else:
+      raise TypeError(
+        f"{fn}: inner must be an optax.GradientTransformation (or have init and update, as "
+        f"optax.MultiSteps), got {type(inner).__name__}"
+      )
+  return optax.with_extra_args_support(inner)
 
 
 def check_bool(fn: str, name: str, value: Any) -> None:

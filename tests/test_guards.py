@@ -851,3 +851,33 @@ def test_a_value_too_large_to_square_feeds_neither_signal():
     _, state = update({"w": jnp.array([n], jnp.float32)}, state, value=jnp.float32(0.5))
   assert int(state.stats_count) == 3
   assert float(state.norm_mean) == pytest.approx(2.0) and float(state.loss_mean) == 0.5
+
+
+def test_a_window_rule_injected_with_bf16_params_keeps_its_default_alpha():
+  """optax casts the injected default alpha to bf16 (0.98828); it was refused as user-set."""
+  params = {"w": jnp.ones(4, jnp.bfloat16)}
+  tx = optax.inject_hyperparams(omc.skip_bad_steps, static_args=("window",))(
+    optax.sgd(0.1), z_threshold=3.0, window=8
+  )
+  state = tx.init(params)
+  u, state = jax.jit(tx.update)({"w": jnp.ones(4, jnp.bfloat16)}, state, params)
+  np.testing.assert_array_equal(np.asarray(u["w"], np.float32), float(jnp.bfloat16(-0.1)))
+  with pytest.raises(ValueError, match=r"alpha=.* sets the EMA rule's decay, which window=8"):
+    omc.skip_bad_steps(optax.sgd(0.1), z_threshold=3.0, window=8, alpha=jnp.bfloat16(0.95))
+
+
+@pytest.mark.parametrize(
+  "wrap", [omc.skip_bad_steps, omc.cautious], ids=["skip_bad_steps", "cautious"]
+)
+def test_wrappers_take_an_optax_multisteps_as_optax_chain_does(wrap):
+  every = lambda: optax.MultiSteps(optax.sgd(0.1, momentum=0.9), every_k_schedule=2)
+  params = {"w": jnp.zeros(3)}
+  ours, plain = wrap(every()), wrap(every().gradient_transformation())
+  s1, s2 = ours.init(params), plain.init(params)
+  for t in range(4):
+    g = {"w": jnp.array([1.0, -2.0, 0.5]) * (t + 1)}
+    u1, s1 = ours.update(g, s1, params)
+    u2, s2 = plain.update(g, s2, params)
+    chex.assert_trees_all_equal(u1, u2)
+  with pytest.raises(TypeError, match=r"inner must be an optax\.GradientTransformation \(or have"):
+    wrap(object())

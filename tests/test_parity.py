@@ -75,3 +75,42 @@ def test_the_grid_exercises_each_clip():
       assert not np.allclose(
         plain["w1" if pb == "mlp" else "a"], final(pb, **kw)["w1" if pb == "mlp" else "a"]
       )
+
+
+@pytest.mark.parametrize(
+  "schedule",
+  [[0.0, 0.0, 0.0, 0.9, 0.9, 0.9, 0.9], [0.9, 0.9, 0.0, 0.0, 0.8, 0.8, 0.0, 0.9]],
+  ids=["warm-up from 0", "0.9, off, on again"],
+)
+@pytest.mark.parametrize("dampening", [0.0, 0.3])
+@pytest.mark.parametrize("which", ["heavy_ball", "momclip_sgd"])
+def test_a_momentum_schedule_through_zero_matches_torch(schedule, dampening, which):
+  """PyTorch keeps no buffer while momentum is 0 and starts it where momentum leaves 0.
+
+  A step with zero momentum stored g as the buffer, so the next one mixed in the old gradient.
+  """
+  torch = pytest.importorskip("torch", reason="the parity extra (torch) is not installed")
+  import jax.numpy as jnp
+  import optax
+
+  rng = np.random.default_rng(0)
+  grads = rng.normal(size=(len(schedule), 5)).astype(np.float32)
+  lr = 0.1
+  mu = lambda step: jnp.asarray(schedule, jnp.float32)[step]
+  if which == "heavy_ball":
+    tx = optax.chain(omc.heavy_ball(mu, dampening=dampening), optax.scale(-lr))
+  else:
+    tx = omc.momclip_sgd(lr, mu, dampening=dampening)
+  w = torch.zeros(5, requires_grad=True)
+  opt = torch.optim.SGD([w], lr=lr, momentum=schedule[0], dampening=dampening)
+  params = jnp.zeros(5)
+  state = tx.init(params)
+  for t, g in enumerate(grads):
+    opt.param_groups[0]["momentum"] = schedule[t]
+    w.grad = torch.from_numpy(g.copy())
+    opt.step()
+    u, state = tx.update(jnp.asarray(g), state, params)
+    params = params + u
+    np.testing.assert_allclose(
+      params, w.detach().numpy(), rtol=1e-6, atol=1e-7, err_msg=f"step {t}"
+    )

@@ -138,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
       "variants over several seeds; prints a table and writes PNG plots and results.json."
     ),
   )
-  parser.add_argument("--quick", action="store_true", help="a smoke run of about 20 s")
+  parser.add_argument("--quick", action="store_true", help="a smoke run of well under a minute")
   parser.add_argument("--out", default="momclip_out", help="output folder (default: %(default)s)")
   parser.add_argument("--seeds", type=_positive_int, help="seeds per arm (default 5, quick 2)")
   parser.add_argument(
