@@ -17,8 +17,8 @@ from optax_momclip._momentum import (
   check_nesterov,
   compute_dtype,
   heavy_ball_leaf,
-  momentum_init,
   started,
+  torch_buffer_init,
   unzip,
 )
 
@@ -144,8 +144,7 @@ def momclip_sgd(
   def init_fn(params: Any) -> MomclipSgdState:
     dtype = _norms.statistics_dtype(params)
     return MomclipSgdState(
-      **momentum_init(params, accumulator_dtype),
-      buffer_started=jnp.zeros([], jnp.bool_),
+      **torch_buffer_init(params, accumulator_dtype),
       grad_norm=jnp.zeros([], dtype),
       clip_scale=jnp.ones([], dtype),
       clip_threshold=jnp.zeros([], dtype) if max_norm is None else bound(max_norm, None, dtype),
@@ -161,8 +160,7 @@ def momclip_sgd(
       raise ValueError(f"{fn}: weight_decay={weight_decay!r} needs params in update()")
     norm, scale, threshold = _norm_clip(updates, max_norm, state.clip_threshold)
     step = _SgdStep.at(
-      state.count,
-      ~state.buffer_started,
+      state,
       _norms.statistics_dtype(updates),
       clip=None if max_norm is None else _scaling.scaler(scale),
       max_value=max_value,
@@ -223,8 +221,7 @@ class _SgdStep:
   @classmethod
   def at(
     cls,
-    count: jax.Array,
-    fresh: jax.Array,
+    state: MomclipSgdState,
     dtype: Any,
     *,
     clip: Any,
@@ -235,7 +232,8 @@ class _SgdStep:
     dampening: Any,
     nesterov: bool,
   ) -> _SgdStep:
-    """The step at ``count``: schedules evaluated and hyperparameters rounded to ``dtype``."""
+    """The step at ``state.count``: schedules evaluated, hyperparameters rounded to ``dtype``."""
+    count = state.count
     return cls(
       clip=clip,
       max_value=None if max_value is None else bound(max_value, None, dtype),
@@ -243,7 +241,7 @@ class _SgdStep:
       lr=evaluate(learning_rate, count, dtype),
       mu=evaluate(momentum, count, dtype),
       undamped=complement(dampening, count, dtype),
-      fresh=fresh,
+      fresh=~state.buffer_started,
       nesterov=nesterov,
     )
 
