@@ -83,7 +83,8 @@ def momclip_sgd(
   It returns ``Δθ`` (apply with ``optax.apply_updates``). The norm clip comes
   first so that ``grad_norm`` is the raw gradient's norm, the number a
   PyTorch loop logs; both bounds hold after either order. A step with ``μ = 0``
-  neither reads nor changes the buffer, and the first step with a non-zero
+  neither reads nor changes the buffer (a non-finite gradient aside, which
+  makes it NaN as it makes the params), and the first step with a non-zero
   ``μ`` starts it as a copy of the gradient (as in PyTorch, whose buffer is
   None until then). The step reads the gradient twice:
   once for the norm (skipped when ``max_norm`` is None) and once in a single

@@ -78,7 +78,8 @@ def heavy_ball_leaf(
   still = mu == 0
   # new = kb·b + kx·g with scalar weights: (μ, 1-d) once started, (0, 1) to start (b is still
   # its initial zeros) and (1, 0) to keep b. A select between b and a new value instead makes
-  # XLA copy every donated buffer aside each step when μ is not a constant.
+  # XLA copy every donated buffer aside each step when μ is not a constant. (A non-finite g at
+  # a μ = 0 step reaches b through 0·g, as it reaches the params through the direction.)
   kb = jnp.where(still, 1, jnp.where(fresh, 0, mu)).astype(dtype)
   kx = jnp.where(still, 0, jnp.where(fresh, 1, undamped.astype(dtype))).astype(dtype)
   new = (kb * b.astype(dtype) + kx * x).astype(b.dtype).astype(dtype)
@@ -157,7 +158,8 @@ def heavy_ball(
   ``d = 0`` this is ``optax.trace`` and the classic ``v = γv + g``, and the
   step ``θ ← θ - α u`` is added by ``optax.sgd``-style scaling after it. A
   step with momentum 0 returns ``g`` whatever the dampening and leaves the
-  buffer as it is, as PyTorch does; ``b_1`` is the first step with a
+  buffer as it is, as PyTorch does (unless ``g`` holds an inf or NaN, which
+  then makes the buffer NaN as it makes the params); ``b_1`` is the first step with a
   non-zero momentum (a schedule warming up from 0 starts the buffer there,
   and one that returns to a non-zero momentum resumes the old buffer).
 
@@ -211,8 +213,9 @@ def heavy_ball(
     dtype = _norms.statistics_dtype(updates)
     mu = evaluate(momentum, state.count, dtype)
     undamped = complement(dampening, state.count, dtype)
+    fresh = ~state.buffer_started
     pairs = jax.tree.map(
-      lambda g, b: heavy_ball_leaf(g, b, mu, undamped, ~state.buffer_started, nesterov),
+      lambda g, b: heavy_ball_leaf(g, b, mu, undamped, fresh, nesterov),
       updates,
       state.momentum_buffer,
     )
